@@ -1,0 +1,1 @@
+"""Synthetic UK Biobank / CMRxRecon cohort in the real on-disk layouts."""
