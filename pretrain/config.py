@@ -1,0 +1,138 @@
+"""Typed configuration of a pretraining run (torchtitan style: one small dataclass per component).
+
+One `PretrainConfig` covers the three stages the system trains with the same engine:
+  stage "mae"          ViTa Stage I   multi-view 3D+T masked autoencoder
+  stage "tabular_clip" ViTa Stage II  image-tabular CLIP alignment
+  stage "metaclip"     MetaCLIP-CMR   image-metadata-text CLIP with soft labels
+Paper values are the defaults where the papers give them; `configs/pretrain/*.yaml` hold the paper-scale and
+tiny configurations. Loaded with `data_prep.config.load_config` (strict keys and types, CLI overrides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+@dataclass
+class ViTConfig:
+    """The image encoder shared by every stage and every downstream task (ViTa Sec. 4.2)."""
+    img_size: int = 128
+    sa_planes: int = 6
+    la_planes: int = 3
+    frames: int = 5  # evenly spaced of the 50 stored frames
+    patch: tuple[int, int, int] = (5, 8, 8)  # (t, h, w)
+    dim: int = 1025  # 1024 sin-cos dims + 1 view-indicator dim (App. B), 5 heads of 205
+    depth: int = 6
+    heads: int = 5
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.frames % self.patch[0] or self.img_size % self.patch[1] or self.img_size % self.patch[2]:
+            raise ValueError(f"patch {self.patch} does not tile frames {self.frames} x {self.img_size}^2")
+
+
+@dataclass
+class MAEConfig:
+    """Stage I masking and decoder."""
+    mask_ratio: float = 0.7
+    decoder_dim: int = 1025
+    decoder_depth: int = 2
+    decoder_heads: int = 5
+    norm_pix_loss: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class TabularConfig:
+    """Stage II tabular encoder and CLIP loss (ViTa eqs. 3-4)."""
+    dim: int = 1025
+    depth: int = 2
+    heads: int = 5
+    image_mask_ratio: float = 0.5
+    projection_dim: int = 128
+    temperature: float = 0.1
+    loss_weight: float = 0.5  # lambda between the image->table and table->image terms
+    corruption: float = 0.0
+
+
+@dataclass
+class MetaCLIPConfig:
+    """MetaCLIP-CMR: metadata text, soft-label contrastive loss (eqs. 6-9)."""
+    image_encoder: Literal["vit", "resnet50"] = "vit"
+    text_encoder: Optional[Path] = None  # local HF checkpoint dir; None: small BERT trained from scratch
+    slices: int = 3
+    max_frames: int = 4
+    image_size: int = 224
+    projection_dim: int = 256
+    alpha_modality: float = 0.05
+    beta_view: float = 0.05
+    init_temperature: float = 0.07
+
+
+@dataclass
+class DataConfig:
+    shards: str = "runs/demo/shards/ukb-train-{000000..000003}.tar"
+    shuffle_buffer: int = 256
+    workers: int = 2
+    resampled: bool = True
+    rotation_deg: float = 10.0
+    flip: bool = True
+    contrast: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 10.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    samples_per_epoch: int = 42000
+    global_batch: int = 2
+    micro_batch: int = 2
+    precision: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Path = Path("runs/pretrain")
+    every_steps: int = 1000
+    keep: int = 3
+    resume: Literal["auto", "never"] = "auto"
+    init_from: Optional[Path] = None  # a previous stage's encoder.safetensors or run directory
+
+
+@dataclass
+class PretrainConfig:
+    stage: Literal["mae", "tabular_clip", "metaclip"] = "mae"
+    model: ViTConfig = field(default_factory=ViTConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    tabular: TabularConfig = field(default_factory=TabularConfig)
+    metaclip: MetaCLIPConfig = field(default_factory=MetaCLIPConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if self.train.global_batch % self.train.micro_batch:
+            raise ValueError(f"train.global_batch {self.train.global_batch} is not a multiple of "
+                             f"train.micro_batch {self.train.micro_batch}")
