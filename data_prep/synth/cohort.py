@@ -31,7 +31,8 @@ from data_prep.config import save_resolved_config
 from data_prep.fsutil import atomic_path, atomic_write_text
 from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.synth import kspace as ksp
-from data_prep.synth.heart import N_FRAMES, SA_THICKNESS_MM, LA_THICKNESS_MM, HeartModel, plane_labels
+from data_prep.synth.heart import (LA_THICKNESS_MM, N_FRAMES, SA_SPACING_MM, SA_THICKNESS_MM, HeartModel,
+                                   plane_labels)
 from data_prep.synth.physiology import DISEASES, Subject, cohort_eids, sample_subject, subject_rng
 from data_prep.synth.tabular import tabular_row, write_tabular_csv
 from data_prep.synth.ukb_dicom import CinePlane, write_ukb_dicom_zip
@@ -105,10 +106,12 @@ def _write_dicom(cfg: SynthConfig, subject: Subject, planes, pixels, dt: float) 
     for k in range(sa.shape[2]):
         Ak = A.copy()
         Ak[:3, 3] = (A @ np.array([0, 0, k, 1.0]))[:3]
-        sax.append(CinePlane(f"CINE_segmented_SAX_b{k + 1}", sa[:, :, k, :], Ak, SA_THICKNESS_MM, dt))
+        sax.append(CinePlane(f"CINE_segmented_SAX_b{k + 1}", sa[:, :, k, :], Ak, SA_THICKNESS_MM, dt,
+                             spacing_between_slices_mm=SA_SPACING_MM))
     lax = [CinePlane(LA_DICOM_NAMES[n], pixels[n][:, :, 0, :], planes[n].affine, LA_THICKNESS_MM, dt)
            for n in ("la_2ch", "la_3ch", "la_4ch")]
-    patient = {"sex": subject.sex, "age": subject.age, "height_cm": subject.height_cm, "weight_kg": subject.weight_kg}
+    patient = {"PatientSex": "M" if subject.sex else "F", "PatientAge": f"{int(subject.age):03d}Y",
+               "PatientSize": round(subject.height_cm / 100, 2), "PatientWeight": round(subject.weight_kg, 1)}
     eid = subject.eid
     write_ukb_dicom_zip(ddir / f"{eid}_20209_2_0.zip", eid, 20209, sax, seed=cfg.seed, patient=patient,
                         add_inline_vf=True)

@@ -146,7 +146,7 @@ class HeartModel:
         inside = (((x - cx) / ax) ** 2 + (y / ay) ** 2 + u**2 <= 1.0) & (x > 0.2 * b_out)
         return inside, (s <= L) & (s >= L - Lr)
 
-    def _rv_volume(self, phase, scale, h=2.0):
+    def _rv_volume(self, phase, scale, h=3.0):
         L, b, _, w, _ = self.lv_shape(phase)
         g = np.arange(-100, 140, h)
         x, y, s = np.meshgrid(g, g - 20, np.arange(-10, L + 1, h), indexing="ij")
@@ -292,32 +292,37 @@ class HeartModel:
         return Plane(name, shape, A)
 
     # ------------------------------------------------------------------------------------- imaging
-    def render(self, plane: Plane, rng: np.random.Generator, n_frames: int = N_FRAMES):
-        """Tissue codes (X, Y, Z, T) uint8 and cine image (X, Y, Z, T) uint16 of one plane."""
+    def tissue_codes(self, plane: Plane, phases) -> tuple[np.ndarray, np.ndarray]:
+        """Tissue codes (X, Y, Z, len(phases)) uint8 of a plane, and the static texture (X, Y, Z)."""
         p = plane.world_points()
         bg_code, tex = self.background(p)
         x, y, s = self.to_heart(p)
-        roi = (s > -40) & (s < self.L_ed + 110) & (np.hypot(x, y) < 120)
+        roi = (s > -40) & (s < self.L_ed + 110) & (np.hypot(x, y) < 120)  # everything cardiac lies inside
         xr, yr, sr = x[roi], y[roi], s[roi]
-        codes = np.empty(plane.shape + (n_frames,), np.uint8)
-        for t in range(n_frames):
+        codes = np.empty(plane.shape + (len(phases),), np.uint8)
+        for t, phase in enumerate(phases):
             frame = bg_code.copy()
-            h = self.tissue(xr, yr, sr, t / n_frames)
-            f_roi = frame[roi]
-            frame[roi] = np.where(h > 0, h, f_roi)
+            h = self.tissue(xr, yr, sr, float(phase))
+            frame[roi] = np.where(h > 0, h, frame[roi])
             codes[..., t] = frame
-        img = CINE_INTENSITY[codes] * (1.0 + TEXTURE_AMPLITUDE[codes] * tex[..., None])
-        img = ndimage.gaussian_filter(img, sigma=(0.7, 0.7, 0, 0))  # partial volume / PSF
-        # coil bias field: smooth, static over the cycle
+        return codes, tex
+
+    def render(self, plane: Plane, rng: np.random.Generator, n_frames: int = N_FRAMES):
+        """Tissue codes (X, Y, Z, T) uint8 and cine image (X, Y, Z, T) uint16 of one plane over the cycle."""
+        codes, tex = self.tissue_codes(plane, np.arange(n_frames) / n_frames)
         X, Y = np.meshgrid(np.linspace(-1, 1, plane.shape[0]), np.linspace(-1, 1, plane.shape[1]), indexing="ij")
-        g = rng.normal(0, 0.25, 4)
-        bias = np.exp(g[0] * X + g[1] * Y + g[2] * X * Y + g[3] * (X**2 - Y**2) * 0.5).astype(np.float32)
-        img *= bias[..., None, None]
+        g = rng.normal(0, 0.25, 4)  # coil bias field: smooth, static over the cycle
+        bias = np.exp(g[0] * X + g[1] * Y + g[2] * X * Y + g[3] * (X**2 - Y**2) * 0.5).astype(np.float32)[..., None]
         sigma = np.float32(0.022 + 0.006 * rng.random())
         gain = np.float32(rng.uniform(450.0, 900.0))
-        img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
-        img = np.hypot(img, sigma * rng.standard_normal(img.shape, dtype=np.float32))  # Rician magnitude noise
-        pixels = np.clip(np.rint(img * gain), 0, 4095).astype(np.uint16)
+        pixels = np.empty(codes.shape, np.uint16)
+        for t in range(n_frames):  # frame by frame: small arrays stay in cache
+            c = codes[..., t]
+            img = CINE_INTENSITY[c] * (1.0 + TEXTURE_AMPLITUDE[c] * tex)
+            img = ndimage.gaussian_filter(img, sigma=(0.7, 0.7, 0)) * bias  # point-spread blur, bias field
+            real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
+            img = np.hypot(real, sigma * rng.standard_normal(img.shape, dtype=np.float32))  # Rician magnitude
+            pixels[..., t] = np.clip(np.rint(img * gain), 0, 4095)
         return codes, pixels
 
 

@@ -119,7 +119,7 @@ def sample_subject(eid: int, rng: np.random.Generator, prevalence_scale: float =
 
     # LV: end-diastolic volume indexed to BSA (Petersen 2017: men ~ 82, women ~ 72 mL/m^2), smaller with age
     lvedv = bsa * (82.0 if sex else 72.0) * (1 - 0.004 * (age - 64)) * (1 + 0.1 * n()) * (1 + 0.05 * fitness)
-    lvef = 60.0 + 4.5 * n() - 2.0 * (cad and not infarct) - 1.0 * diabetes
+    lvef = 60.0 + 4.5 * n() - 2.0 * (cad and not infarct) - 6.0 * infarct - 1.0 * diabetes
     if infarct:
         lvedv *= 1.12  # remodelling
     lvef = float(np.clip(lvef, 38.0, 78.0))

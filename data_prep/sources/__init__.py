@@ -1,0 +1,1 @@
+"""Readers for raw source formats (UK Biobank DICOM zips, ...) used by the conversion jobs."""
