@@ -1,0 +1,106 @@
+"""Project-wide rules: dependency direction, CLIs, and that every shipped config validates."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_prep", "pretrain", "finetune", "cluster")
+# the light, ray-free data_prep modules that training code may use (the GPU machine cannot install ray)
+TRAINING_MAY_IMPORT_FROM_DATA_PREP = {"data_prep", "data_prep.format", "data_prep.config", "data_prep.fsutil"}
+ALLOWED = {
+    "data_prep": {"data_prep"},
+    "pretrain": {"pretrain", "data_prep"},
+    "finetune": {"finetune", "pretrain", "data_prep"},
+    "cluster": set(PACKAGES),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_dependency_direction(package):
+    for path in (ROOT / package).rglob("*.py"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in PACKAGES:
+                assert top in ALLOWED[package], f"{path.relative_to(ROOT)} imports {name}"
+                if package in ("pretrain", "finetune") and top == "data_prep":
+                    assert name in TRAINING_MAY_IMPORT_FROM_DATA_PREP, f"{path.relative_to(ROOT)} imports {name}"
+            if package in ("pretrain", "finetune"):
+                assert top != "ray", f"{path.relative_to(ROOT)} imports ray"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_cli_help(package):
+    res = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "usage: python -m " + package in res.stdout and "examples:" in res.stdout
+
+
+def _schema(component: str):
+    if component == "data_prep":
+        from data_prep.synth.cohort import SynthConfig
+        return SynthConfig
+    if component == "pretrain":
+        from pretrain.config import PretrainConfig
+        return PretrainConfig
+    if component == "finetune":
+        from finetune.config import FinetuneConfig
+        return FinetuneConfig
+    from cluster.config import SlurmConfig
+    return SlurmConfig
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+
+
+def test_every_component_ships_paper_and_tiny_configs():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    assert {"pretrain/vita_stage1.yaml", "pretrain/vita_stage1_tiny.yaml", "pretrain/vita_stage2.yaml",
+            "pretrain/metaclip_cmr.yaml", "finetune/vita_phenotypes.yaml", "finetune/tiny.yaml",
+            "data_prep/synth_tiny.yaml", "cluster/slurm_multinode.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_shipped_configs_validate(path):
+    load_config(_schema(path.parent.name), path)
+
+
+def test_paper_values_in_paper_configs():
+    from pretrain.config import PretrainConfig
+    s1 = load_config(PretrainConfig, ROOT / "configs/pretrain/vita_stage1.yaml")
+    assert (s1.model.sa_planes, s1.model.la_planes, s1.model.frames, s1.model.patch) == (6, 3, 5, (5, 8, 8))
+    assert (s1.model.depth, s1.model.heads, s1.mae.decoder_depth, s1.mae.mask_ratio) == (6, 5, 2, 0.7)
+    assert (s1.optim.lr, s1.optim.weight_decay, s1.optim.warmup_epochs) == (3e-3, 1e-4, 10.0)
+    s2 = load_config(PretrainConfig, ROOT / "configs/pretrain/vita_stage2.yaml")
+    assert (s2.tabular.temperature, s2.tabular.loss_weight, s2.tabular.projection_dim) == (0.1, 0.5, 128)
+    assert (s2.tabular.image_mask_ratio, s2.train.global_batch) == (0.5, 256)
+    mc = load_config(PretrainConfig, ROOT / "configs/pretrain/metaclip_cmr.yaml")
+    assert (mc.metaclip.alpha_modality, mc.metaclip.beta_view, mc.metaclip.projection_dim) == (0.05, 0.05, 256)
+    assert (mc.metaclip.slices, mc.metaclip.max_frames, mc.train.epochs) == (3, 4, 30)
+
+
+def test_config_cli_reports_bad_keys_and_types():
+    cmd = [sys.executable, "-m", "pretrain", "config", "--config", "configs/pretrain/vita_stage1_tiny.yaml"]
+    ok = subprocess.run(cmd + ["train.zero_stage=3"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "zero_stage: 3" in ok.stdout
+    bad = subprocess.run(cmd + ["optim.lrr=1"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "optim.lrr" in bad.stderr and "optim.lr" in bad.stderr
+    bad = subprocess.run(cmd + ["train.zero_stage=4"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "train.zero_stage" in bad.stderr
