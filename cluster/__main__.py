@@ -3,10 +3,9 @@ an allocation, single-GPU fine-tuning, with timeout / preemption requeue and aut
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from data_prep.config import ConfigError, add_show_config_command
+from data_prep.config import add_show_config_command, cli_parser, run_cli
 from cluster.config import SlurmConfig
 
 EPILOG = """examples:
@@ -17,16 +16,9 @@ configs/cluster/ holds a multi-node GPU job (slurm_multinode) and the one-node C
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = cli_parser("python -m cluster", __doc__, EPILOG)
     add_show_config_command(sub, SlurmConfig, "configs/cluster/slurm_multinode.yaml")
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

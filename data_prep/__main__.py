@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import ConfigError, add_config_arguments, config_from_args
+from data_prep.config import add_config_arguments, cli_parser, config_from_args, run_cli
 
 EPILOG = """examples:
   python -m data_prep synth --out data/synth --subjects 64 --kspace-scans 32 --seed 0
@@ -30,9 +30,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p, sub = cli_parser("python -m data_prep", __doc__, EPILOG)
     s = sub.add_parser(
         "synth", help="write a synthetic UK Biobank + CMRxRecon cohort in the real on-disk layouts",
         description="Write a synthetic cohort: UK Biobank cine (NIfTI, optionally raw DICOM zips), the UK Biobank "
@@ -52,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

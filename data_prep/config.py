@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -320,3 +321,20 @@ def add_show_config_command(subparsers, cls: type, default_config: str | os.Path
         return 0
 
     p.set_defaults(func=run)
+
+
+def cli_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The top-level parser of a `python -m <package>` CLI and its subcommand group."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and dispatch to the subcommand's `func`; a ConfigError is a one-line message and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2

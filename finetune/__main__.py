@@ -3,10 +3,9 @@ disease classification under class imbalance, all-plane segmentation, modality /
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from data_prep.config import ConfigError, add_show_config_command
+from data_prep.config import add_show_config_command, cli_parser, run_cli
 from finetune.config import FinetuneConfig
 
 EPILOG = """examples:
@@ -19,16 +18,9 @@ metaclip_modality_view) and a tiny one for tests.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = cli_parser("python -m finetune", __doc__, EPILOG)
     add_show_config_command(sub, FinetuneConfig, "configs/finetune/vita_phenotypes.yaml")
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

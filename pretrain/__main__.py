@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from data_prep.config import ConfigError, add_show_config_command
+from data_prep.config import add_show_config_command, cli_parser, run_cli
 from pretrain.config import PretrainConfig
 
 EPILOG = """examples:
@@ -18,16 +17,9 @@ configs/pretrain/ holds the paper-scale configs (vita_stage1, vita_stage2, metac
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = cli_parser("python -m pretrain", __doc__, EPILOG)
     add_show_config_command(sub, PretrainConfig, "configs/pretrain/vita_stage1.yaml")
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

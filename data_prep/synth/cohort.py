@@ -151,7 +151,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     tasks = [(cfg, "subject", e) for e in eids] + [(cfg, "kspace", s) for s in scans]
     workers = cfg.workers or os.cpu_count() or 1
     truths, tab_rows, scan_rows = [], [], []
-    bar = tqdm(total=len(tasks), desc="synth", unit="item", disable=not progress)
+    bar = tqdm(total=len(tasks), desc="synth", unit="item", disable=not progress, mininterval=1.0)
     with (mp.get_context("fork").Pool(min(workers, max(len(tasks), 1))) if workers > 1 else _Serial()) as pool:
         for kind, result in pool.imap_unordered(_task, tasks):
             if kind == "subject":

@@ -314,7 +314,7 @@ class HeartModel:
         g = rng.normal(0, 0.25, 4)  # coil bias field: smooth, static over the cycle
         bias = np.exp(g[0] * X + g[1] * Y + g[2] * X * Y + g[3] * (X**2 - Y**2) * 0.5).astype(np.float32)[..., None]
         sigma = np.float32(0.022 + 0.006 * rng.random())
-        gain = np.float32(rng.uniform(450.0, 900.0))
+        gain = np.float32(rng.uniform(180.0, 420.0))  # UK Biobank-like 12-bit range, blood ~ 200-450
         pixels = np.empty(codes.shape, np.uint16)
         for t in range(n_frames):  # frame by frame: small arrays stay in cache
             c = codes[..., t]
