@@ -69,3 +69,26 @@ def test_couplings_measured_in_the_images():
     assert edv[male].mean() > edv[~male].mean()
     # measured values track the targets the anatomy was built from (up to 10 mm slice-summation error)
     assert stats.pearsonr([r[0].lvedv_ml for r in rows], edv).statistic > 0.9
+
+
+def test_planes_sample_one_anatomy():
+    """Where a long-axis plane crosses a short-axis slice, both planes show the same tissue."""
+    e = cohort_eids(1, 5)[0]
+    s = sample_subject(e, subject_rng(5, e, 0))
+    heart = HeartModel(s, subject_rng(5, e, 1))
+    planes = heart.planes(subject_rng(5, e, 2))
+    sa = planes["sa"]
+    sa_codes, _ = heart.tissue_codes(sa, [0.3])
+    inv = np.linalg.inv(sa.affine)
+    for name in ("la_2ch", "la_3ch", "la_4ch"):
+        la = planes[name]
+        la_codes, _ = heart.tissue_codes(la, [0.3])
+        ijk = la.world_points().reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
+        near = np.abs(ijk[:, 2] - np.rint(ijk[:, 2])) < 0.05  # within 0.5 mm of an SA slice centre plane
+        idx = np.rint(ijk[near]).astype(int)
+        inside = np.all((idx >= 0) & (idx < np.array(sa.shape)), axis=1)
+        a = la_codes.reshape(-1)[near][inside]
+        b = sa_codes[idx[inside, 0], idx[inside, 1], idx[inside, 2], 0]
+        cardiac = (a <= 7) & (a > 0) | (b <= 7) & (b > 0)
+        assert cardiac.sum() > 20, name
+        assert (a == b)[cardiac].mean() > 0.85, name  # nearest in-plane voxel: boundaries may differ
