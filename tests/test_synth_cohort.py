@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -23,15 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 UKB_FILES = {"sa", "la_2ch", "la_3ch", "la_4ch", "seg_sa", "seg_la_2ch", "seg_la_4ch"}
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    cmd = [sys.executable, "-m", "data_prep", "synth", "--config", str(ROOT / "configs/data_prep/synth_tiny.yaml"),
-           "--out", str(out), "--quiet"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert "UK Biobank subjects : 4" in res.stdout  # the one-screen summary
-    return out
+@pytest.fixture
+def cohort(tiny_cohort) -> Path:
+    return tiny_cohort
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -160,7 +160,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
             else:
                 scan_rows.append(result)
             bar.update()
-            bar.set_postfix(subjects=len(truths), scans=len(scan_rows))
+            bar.set_postfix(subjects=len(truths), scans=len(scan_rows), refresh=False)
     bar.close()
     truths.sort(key=lambda r: r["eid"])
     tab_rows.sort(key=lambda r: r["eid"])

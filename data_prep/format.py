@@ -1,0 +1,127 @@
+"""The on-disk sample format: the one contract between the data_prep writers and every reader.
+
+A UK Biobank subject and a k-space sequence are each one sample. In WebDataset shards a sample is a group of
+tar members sharing a key (`<key>.image.arr`, `<key>.meta.json`, ...); in the Zarr store it is an index
+along the leading axis of fixed-shape arrays. Both are produced from the dataclasses below and read back into
+them, so a reader gets exactly what preprocessing produced.
+
+Arrays in shards are Blosc/Zstd-compressed with bit-shuffle (numcodecs) behind a tiny self-describing header,
+so a shard member decodes without any side information. Light imports only (numpy, numcodecs): the training
+loaders on GPU machines import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+# --- UK Biobank cine -------------------------------------------------------------------------------------------
+LA_VIEWS = ("la_2ch", "la_3ch", "la_4ch")
+# one label space over all planes: the SA labels, then the LA labels remapped after them
+LABELS = ("background", "LV", "MYO", "RV", "LA", "RA")
+SOURCE_LABEL_MAPS = {  # ukbb_cardiac label -> unified label, per plane kind
+    "sa": {1: 1, 2: 2, 3: 3},
+    "la_2ch": {1: 4},
+    "la_4ch": {1: 4, 2: 5},
+}
+DISEASES = ("cad", "infarct", "hypertension", "high_blood_pressure", "diabetes", "stroke")
+PHENOTYPES = ("LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF",
+              "LAVmax", "LAVmin", "LASV", "LAEF", "RAVmax", "RAVmin", "RASV", "RAEF")
+
+
+def plane_names(sa_planes: int) -> tuple[str, ...]:
+    """Plane order of the image stack: SA slices base to apex, then the long-axis views."""
+    return tuple(f"sa_{i}" for i in range(sa_planes)) + LA_VIEWS
+
+
+def split_of(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1, salt: str = "cmrfm-split-v1") -> str:
+    """Stable split from a hash of the key alone: adding subjects never moves an existing one."""
+    u = int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+# --- array codec -----------------------------------------------------------------------------------------------
+_MAGIC = b"CMRA"
+
+
+def encode_array(a: np.ndarray, clevel: int = 3) -> bytes:
+    """magic | u32 header length | JSON {dtype, shape} | Blosc(zstd, bit-shuffle) payload."""
+    from numcodecs import Blosc
+
+    a = np.ascontiguousarray(a)
+    header = json.dumps({"dtype": a.dtype.str, "shape": list(a.shape)}).encode()
+    payload = Blosc(cname="zstd", clevel=clevel, shuffle=Blosc.BITSHUFFLE).encode(a)
+    return _MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    from numcodecs import Blosc
+
+    if data[:4] != _MAGIC:
+        raise ValueError("not a cmrfm array (bad magic)")
+    (n,) = struct.unpack("<I", data[4:8])
+    header = json.loads(data[8:8 + n])
+    out = np.frombuffer(Blosc().decode(data[8 + n:]), dtype=np.dtype(header["dtype"]))
+    return out.reshape(header["shape"])
+
+
+# --- samples ---------------------------------------------------------------------------------------------------
+class _Sample:
+    """Shared WebDataset (de)serialisation: ndarray fields -> `<name>.arr`, dict fields -> `<name>.json`."""
+
+    key: str
+
+    def to_wds(self) -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {"__key__": self.key}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                out[f"{f.name}.arr"] = encode_array(v)
+            elif isinstance(v, dict):
+                out[f"{f.name}.json"] = json.dumps(v, sort_keys=True).encode()
+        return out
+
+    @classmethod
+    def from_wds(cls, sample: dict):
+        kw = {"key": sample["__key__"]}
+        for f in fields(cls):
+            if f"{f.name}.arr" in sample:
+                kw[f.name] = decode_array(sample[f"{f.name}.arr"])
+            elif f"{f.name}.json" in sample:
+                kw[f.name] = json.loads(sample[f"{f.name}.json"])
+        return cls(**kw)
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray))
+
+
+@dataclass
+class UKBSample(_Sample):
+    """One UK Biobank subject. P = SA planes + 3 LA views, T = all stored frames (50), H = W = crop size."""
+
+    key: str  # the eid
+    image: np.ndarray  # (P, T, H, W) float16 in [0, 1]
+    seg: np.ndarray  # (P, T, H, W) uint8, LABELS space
+    seg_valid: np.ndarray  # (P,) bool: the plane has a segmentation (not the 3-chamber view)
+    tabular: np.ndarray  # (F,) float32: z-scored numericals, categorical indices (see the manifest's schema)
+    tabular_missing: np.ndarray  # (F,) bool: imputed entries
+    diseases: np.ndarray  # (len(DISEASES),) int8: 1 / 0, -1 where unknown
+    phenotypes: np.ndarray  # (len(PHENOTYPES),) float32, NaN where unavailable
+    meta: dict = field(default_factory=dict)  # source, spacing, crop box, chosen slices, frame interval, ...
+
+
+@dataclass
+class KSpaceSample(_Sample):
+    """One k-space sequence, reconstructed: T frames x Z slices of S x S z-scored images."""
+
+    key: str  # e.g. "Cine/Center002/Siemens_30T_Vida/P003/cine_sax"
+    image: np.ndarray  # (T, Z, S, S) float16
+    meta: dict = field(default_factory=dict)  # modality, views, center, vendor, field strength, model, texts

@@ -1,0 +1,63 @@
+"""UK Biobank cine in the ukbb_cardiac NIfTI layout: `<eid>/{sa,la_2ch,la_3ch,la_4ch}.nii.gz` + `seg_*.nii.gz`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data_prep.sources import CINE_VIEWS, SEGMENTED_VIEWS, CineStudy
+from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
+
+
+class InputError(ValueError):
+    """A subject's input cannot be used; the message names the file and the reason."""
+
+
+def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)  # forces the (gzip) read: truncated files fail here
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from e
+    return img, data
+
+
+def read_ukb_nifti_dir(subject_dir: str | Path) -> CineStudy:
+    d = Path(subject_dir)
+    pixels, affines, segs, dts = {}, {}, {}, []
+    for view in CINE_VIEWS:
+        path = d / f"{view}.nii.gz"
+        if not path.is_file():
+            raise InputError(f"{path}: missing view {view}")
+        img, data = _load(path)
+        if data.ndim != 4:
+            raise InputError(f"{path}: expected 4D (X, Y, Z, T), got shape {data.shape}")
+        pixels[view], affines[view] = data, img.affine
+        dts.append(float(img.header["pixdim"][4]))
+    for view in SEGMENTED_VIEWS:
+        path = d / f"seg_{view}.nii.gz"
+        if path.is_file():
+            _, seg = _load(path)
+            if seg.shape != pixels[view].shape:
+                raise InputError(f"{path}: segmentation shape {seg.shape} != image shape {pixels[view].shape}")
+            segs[view] = seg.astype(np.uint8)
+    return CineStudy(d.name, pixels, affines, float(np.median(dts)), segs, source="nifti")
+
+
+def read_ukb_dicom_study(sa_zip: str | Path, la_zip: str | Path) -> CineStudy:
+    """The raw DICOM zips (field 20209 short axis, 20208 long axis) of one subject; no segmentations."""
+    vols = {}
+    for z in (sa_zip, la_zip):
+        try:
+            vols.update(read_ukb_dicom_zip(z))
+        except ValueError as e:
+            raise InputError(str(e)) from e
+    missing = [v for v in CINE_VIEWS if v not in vols]
+    if missing:
+        raise InputError(f"{sa_zip} / {la_zip}: missing views {missing}")
+    eid = Path(sa_zip).name.split("_")[0]
+    dts = [vols[v].frame_interval_ms for v in CINE_VIEWS]
+    return CineStudy(eid, {v: vols[v].pixels for v in CINE_VIEWS}, {v: vols[v].affine for v in CINE_VIEWS},
+                     float(np.nanmedian(dts)), {}, source="dicom")

@@ -1,0 +1,23 @@
+"""Shared fixtures: one tiny synthetic cohort per test session, written through the real CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """configs/data_prep/synth_tiny.yaml: 4 subjects in NIfTI + DICOM layouts, 8 k-space files (v7.3 and v5)."""
+    out = tmp_path_factory.mktemp("cohort")
+    cmd = [sys.executable, "-m", "data_prep", "synth", "--config", str(ROOT / "configs/data_prep/synth_tiny.yaml"),
+           "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "UK Biobank subjects : 4" in res.stdout  # the one-screen summary
+    return out
