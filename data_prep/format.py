@@ -48,6 +48,23 @@ def split_of(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1, sa
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
+# --- keys in the Zarr store: fixed-width UTF-8 bytes (a stable Zarr v3 dtype, unlike strings) ----------------
+KEY_BYTES = 128
+
+
+def encode_key(key: str) -> np.ndarray:
+    b = key.encode()
+    if len(b) > KEY_BYTES:
+        raise ValueError(f"key longer than {KEY_BYTES} bytes: {key!r}")
+    out = np.zeros(KEY_BYTES, np.uint8)
+    out[: len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def decode_key(row: np.ndarray) -> str:
+    return bytes(np.asarray(row, np.uint8)).rstrip(b"\0").decode()
+
+
 # --- array codec -----------------------------------------------------------------------------------------------
 _MAGIC = b"CMRA"
 

@@ -1,0 +1,1 @@
+"""Ray conversion jobs: raw sources -> WebDataset shards + Zarr store + manifest."""

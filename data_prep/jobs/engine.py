@@ -1,0 +1,399 @@
+"""The conversion engine shared by the UK Biobank and k-space jobs: inputs in, shards + Zarr + manifest out.
+
+Unit of work: a *block* of up to `block_size` inputs of one split. A Ray task converts a block and writes
+  - one WebDataset tar shard  `shards/<dataset>-<split>-<block>.tar`   (temp name, renamed when complete),
+  - one Zarr shard per array  `store.zarr/<array>` rows [block * B, (block + 1) * B)  (a block owns its shard
+    files, so tasks never write the same file), and `meta/block-<block>.jsonl`,
+and returns what it wrote and what it rejected. The driver commits a run by writing `manifest.json`
+atomically at the end: readers trust only blocks the manifest lists, so a crashed run leaves nothing that is
+ever read, and the next run overwrites its leftovers.
+
+Growth: splits come from a hash of the key (`format.split_of`), inputs already in the manifest are skipped,
+new inputs fill new blocks appended after the old ones — existing shards stay byte-identical, and a re-run on
+the same source does nothing. Inputs quarantined before are skipped unless their files changed.
+
+Failure: an input that raises is quarantined with its file and reason. A block whose task keeps failing (a
+worker crash, an out-of-memory kill) is retried by Ray; if it still fails, each of its inputs is probed in a
+task of its own, the ones that crash are quarantined, and the block is converted without them.
+Counts reconcile per run: inputs = written + quarantined + skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+
+from data_prep.config import config_to_dict
+from data_prep.format import KEY_BYTES, SCHEMA_VERSION, encode_key, split_of
+from data_prep.fsutil import atomic_path, atomic_write_text
+
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.jsonl"
+STORE = "store.zarr"
+
+
+@dataclass
+class JobConfig:
+    """What every conversion job shares (sections of the job configs)."""
+
+    out: Path = Path("runs/data")
+    block_size: int = 32  # inputs per tar shard and per Zarr shard (a few hundred MB of shard)
+    workers: int = 0  # local Ray cluster CPUs; 0: all cores
+    ray_address: Optional[str] = None  # join an existing Ray cluster instead ("auto" inside a Ray allocation)
+    max_retries: int = 2  # Ray retries of a crashed block before its inputs are probed one by one
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    retry_quarantined: bool = False  # re-try inputs quarantined by an earlier run even if their files are unchanged
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.workers < 0 or self.max_retries < 0:
+            raise ValueError("block_size >= 1, workers >= 0 and max_retries >= 0 are required")
+
+
+@dataclass
+class WorkItem:
+    key: str
+    paths: list[str]  # the input files (named in quarantine records; fingerprinted)
+    payload: Any = None  # whatever the dataset's `process` needs besides the paths
+
+
+@dataclass
+class ArraySpec:
+    shape: tuple[int, ...]  # per sample
+    dtype: str
+    chunks: tuple[int, ...]  # per sample; the shard is (block_size, *shape)
+    fill: Any = 0
+
+
+class Dataset(Protocol):
+    """What a job plugs into the engine (must be picklable: it travels to the Ray workers)."""
+
+    name: str
+
+    def arrays(self) -> dict[str, ArraySpec]: ...  # the Sample's ndarray fields, as stored in Zarr
+
+    def process(self, item: WorkItem) -> Any: ...  # -> a format.*Sample; raises on bad input
+
+
+@dataclass
+class Block:
+    id: int
+    split: str
+    items: list[Optional[WorkItem]]  # slot i -> Zarr row id * block_size + i
+
+
+@dataclass
+class BlockResult:
+    id: int
+    split: str
+    keys: list[str]  # written, in block order
+    rows: list[int]  # their Zarr rows
+    quarantined: list[dict]
+    shard: Optional[dict]  # path, split, samples, sha256, bytes — None when nothing was written
+    summaries: list[dict] = field(default_factory=list)  # per written sample, for the job's own checks
+
+
+def fingerprint(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"{p}|missing".encode())
+    return h.hexdigest()[:16]
+
+
+def _quarantine_record(item: WorkItem, reason: str) -> dict:
+    return {"key": item.key, "files": item.paths, "reason": reason, "fingerprint": fingerprint(item.paths)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _store_path(out: Path) -> Path:
+    return out / STORE
+
+
+def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
+              summarize: Optional[Callable[[Any], dict]] = None) -> BlockResult:
+    """Convert one block (runs in a Ray worker). Never raises for a bad input: it quarantines it."""
+    import webdataset as wds
+    import zarr
+
+    out = Path(out)
+    specs = dataset.arrays()
+    B = block_size
+    data = {name: np.full((B, *s.shape), s.fill, s.dtype) for name, s in specs.items()}
+    valid = np.zeros(B, bool)
+    keys = np.zeros((B, KEY_BYTES), np.uint8)
+    written, rows, quarantined, metas, summaries = [], [], [], [], []
+    shard_rel = Path("shards") / f"{dataset.name}-{block.split}-{block.id:06d}.tar"
+    shard_path = out / shard_rel
+    shard_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(shard_path) as tmp:
+        with open(tmp, "wb") as f:
+            tar = wds.TarWriter(f, encoder=False, mtime=0.0, user="cmrfm", group="cmrfm")
+            for i, item in enumerate(block.items):
+                if item is None:  # a slot emptied by crash isolation
+                    continue
+                try:
+                    sample = dataset.process(item)
+                except Exception as e:  # a bad input must never take the job down
+                    quarantined.append(_quarantine_record(item, f"{type(e).__name__}: {e}"))
+                    continue
+                tar.write(sample.to_wds())
+                for name in specs:
+                    data[name][i] = getattr(sample, name)
+                valid[i], keys[i] = True, encode_key(item.key)
+                written.append(item.key)
+                rows.append(block.id * B + i)
+                metas.append({"row": block.id * B + i, "key": item.key, **sample.meta})
+                if summarize is not None:
+                    summaries.append(summarize(sample))
+            tar.close()
+        if not written:
+            os.unlink(tmp)  # nothing to publish; atomic_path finds no file to rename
+    shard = None
+    if written:
+        shard = {"path": shard_rel.as_posix(), "split": block.split, "samples": len(written),
+                 "sha256": _sha256(shard_path), "bytes": shard_path.stat().st_size, "block": block.id}
+    # Zarr: this block owns rows [id * B, (id + 1) * B), i.e. exactly one shard file per array
+    group = zarr.open_group(_store_path(out), mode="r+")
+    sl = slice(block.id * B, (block.id + 1) * B)
+    for name in specs:
+        group[name][sl] = data[name]
+    group["valid"][sl] = valid
+    group["key"][sl] = keys
+    meta_path = out / "meta" / f"block-{block.id:06d}.jsonl"
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metas))
+    return BlockResult(block.id, block.split, written, rows, quarantined, shard, summaries)
+
+
+def probe_item(dataset: Dataset, item: WorkItem) -> Optional[str]:
+    """Process one input without writing anything: None if it converts, else the reason it does not."""
+    try:
+        dataset.process(item)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+
+def _open_or_create_store(out: Path, dataset: Dataset, block_size: int, capacity: int):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    path = _store_path(out)
+    blosc = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    group = zarr.open_group(path, mode="a")
+    specs = {**dataset.arrays(),
+             "valid": ArraySpec((), "bool", (), False),
+             "key": ArraySpec((KEY_BYTES,), "uint8", (KEY_BYTES,), 0)}
+    for name, s in specs.items():
+        if name in group:
+            arr = group[name]
+            if arr.shape[1:] != s.shape or str(arr.dtype) != np.dtype(s.dtype).name:
+                raise ValueError(f"{path}/{name}: existing array {arr.shape[1:]} {arr.dtype} does not match "
+                                 f"this job's {s.shape} {s.dtype}; convert into a new --out")
+            if arr.shape[0] < capacity:
+                arr.resize((capacity, *s.shape))
+            continue
+        group.create_array(name, shape=(capacity, *s.shape), chunks=(1, *s.chunks), shards=(block_size, *s.shape),
+                           dtype=s.dtype, compressors=blosc, fill_value=s.fill)
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": block_size})
+    return group
+
+
+def load_manifest(out: Path) -> Optional[dict]:
+    p = out / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _plan_blocks(items: list[WorkItem], first_block: int, cfg: JobConfig) -> list[Block]:
+    by_split: dict[str, list[WorkItem]] = {}
+    for it in sorted(items, key=lambda it: it.key):
+        by_split.setdefault(split_of(it.key, cfg.val_fraction, cfg.test_fraction), []).append(it)
+    blocks, bid = [], first_block
+    for split in ("train", "val", "test"):
+        its = by_split.get(split, [])
+        for i in range(0, len(its), cfg.block_size):
+            blocks.append(Block(bid, split, its[i:i + cfg.block_size]))
+            bid += 1
+    return blocks
+
+
+@dataclass
+class RunReport:
+    dataset: str
+    counts: dict
+    seconds: float
+    manifest: Optional[dict]
+    results: list[BlockResult]
+    nothing_to_do: bool = False
+
+
+def _ray_init(cfg: JobConfig):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return ray
+
+
+def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config: Any, *,
+            skipped: Optional[list[dict]] = None, summarize: Optional[Callable[[Any], dict]] = None,
+            manifest_extra: Optional[Callable[[dict, list[BlockResult]], dict]] = None,
+            progress: bool = True) -> RunReport:
+    """Convert `items` (already de-duplicated by the job; `skipped` lists what it dropped, with reasons)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = load_manifest(out)
+    if old is not None and old["dataset"] != dataset.name:
+        raise ValueError(f"{out / MANIFEST}: holds a {old['dataset']!r} dataset, not {dataset.name!r}")
+    if old is not None and old["block_size"] != cfg.block_size:
+        raise ValueError(f"{out / MANIFEST}: block_size {old['block_size']} != {cfg.block_size}: "
+                         "a store keeps its block size")
+    done = {k for b in (old or {}).get("blocks", []) for k in b["keys"]}
+    prev_q = {q["key"]: q for q in (old or {}).get("quarantined", [])}
+    skipped = list(skipped or [])  # dropped by the job's discovery (duplicates, ...): inputs too
+    n_inputs = len(items) + len(skipped)
+    todo = []
+    for it in items:
+        if it.key in done:
+            skipped.append({"key": it.key, "reason": "already converted"})
+        elif it.key in prev_q and not cfg.retry_quarantined and prev_q[it.key]["fingerprint"] == fingerprint(it.paths):
+            skipped.append({"key": it.key, "reason": "quarantined by an earlier run, files unchanged"})
+        else:
+            todo.append(it)
+    counts = {"inputs": n_inputs, "written": 0, "quarantined": 0, "skipped": len(skipped)}
+    if not todo:
+        return RunReport(dataset.name, counts, time.perf_counter() - t0, old, [], nothing_to_do=True)
+
+    blocks = _plan_blocks(todo, (old or {}).get("next_block", 0), cfg)
+    _open_or_create_store(out, dataset, cfg.block_size, (blocks[-1].id + 1) * cfg.block_size)
+    ray = _ray_init(cfg)
+    remote_block = ray.remote(max_retries=cfg.max_retries)(run_block)
+    remote_probe = ray.remote(max_retries=0)(probe_item)
+    pending = {remote_block.remote(dataset, b, str(out), cfg.block_size, summarize): b for b in blocks}
+    results: list[BlockResult] = []
+    bar = tqdm(total=len(todo), desc=dataset.name, unit="input", disable=not progress, mininterval=1.0)
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        block = pending.pop(ref)
+        try:
+            res = ray.get(ref)
+        except Exception as e:  # the block's worker died on every try
+            res = _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block, out, cfg, summarize, e)
+        results.append(res)
+        bar.update(sum(it is not None for it in block.items))
+        bar.set_postfix(written=sum(len(r.keys) for r in results),
+                        quarantined=sum(len(r.quarantined) for r in results), refresh=False)
+    bar.close()
+    results.sort(key=lambda r: r.id)
+    _sweep_temp(out)  # temp files of workers that died mid-write (never read: hidden names, never renamed)
+    counts["written"] = sum(len(r.keys) for r in results)
+    counts["quarantined"] = sum(len(r.quarantined) for r in results)
+    assert counts["inputs"] == counts["written"] + counts["quarantined"] + counts["skipped"], counts
+    manifest = _write_manifest(out, dataset, cfg, job_config, old, blocks, results, counts, skipped, manifest_extra)
+    return RunReport(dataset.name, counts, time.perf_counter() - t0, manifest, results)
+
+
+def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, out: Path, cfg: JobConfig,
+                       summarize, error: Exception) -> BlockResult:
+    """Probe each input of a failed block in its own task; quarantine the ones that kill their worker and
+    convert the rest (their Zarr rows unchanged). If even that fails, quarantine the block's inputs."""
+    probes = [(it, remote_probe.remote(dataset, it)) for it in block.items if it is not None]
+    crashed = []
+    for it, ref in probes:
+        try:
+            ray.get(ref)
+        except Exception as e:  # the probe's worker died too: this input is the culprit
+            crashed.append(_quarantine_record(it, f"worker crashed while converting it ({type(e).__name__})"))
+    gone = {c["key"] for c in crashed}
+    rest = Block(block.id, block.split, [None if it is None or it.key in gone else it for it in block.items])
+    try:
+        res = ray.get(remote_block.remote(dataset, rest, str(out), cfg.block_size, summarize))
+    except Exception as e2:
+        res = BlockResult(block.id, block.split, [], [], [_quarantine_record(it, f"block failed: {e2!r:.300}")
+                                                          for it in rest.items if it is not None], None)
+    res.quarantined = crashed + res.quarantined
+    return res
+
+
+def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any, old: Optional[dict],
+                    blocks: list[Block], results: list[BlockResult], counts: dict, skipped: list[dict],
+                    extra: Optional[Callable[[dict, list[BlockResult]], dict]]) -> dict:
+    m = old or {"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": cfg.block_size,
+                "store": STORE, "quarantine": QUARANTINE, "blocks": [], "shards": [], "quarantined": [], "runs": []}
+    m["config"] = config_to_dict(job_config)
+    for r in results:
+        m["blocks"].append({"id": r.id, "split": r.split, "keys": r.keys, "rows": r.rows})
+        if r.shard is not None:
+            m["shards"].append(r.shard)
+    retried = {it.key for b in blocks for it in b.items if it is not None}
+    new_q = [q for r in results for q in r.quarantined]
+    m["quarantined"] = [q for q in m["quarantined"] if q["key"] not in retried] + new_q
+    m["next_block"] = blocks[-1].id + 1
+    m["capacity"] = m["next_block"] * cfg.block_size
+    m["counts"] = counts  # the latest run: inputs = written + quarantined + skipped
+    per_split = {s: sum(len(b["keys"]) for b in m["blocks"] if b["split"] == s) for s in ("train", "val", "test")}
+    m["totals"] = {"samples": sum(per_split.values()), "per_split": per_split, "shards": len(m["shards"]),
+                   "quarantined": len(m["quarantined"])}
+    run = len(m["runs"])
+    m["runs"].append({"run": run, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "counts": counts, "skipped": _reason_counts(skipped)})
+    if extra is not None:
+        m.update(extra(m, results))
+    # the quarantine log: one JSON line per rejected input and run, appended
+    log = out / QUARANTINE
+    lines = log.read_text() if log.exists() else ""
+    lines += "".join(json.dumps({"run": run, **q}, sort_keys=True) + "\n" for q in new_q)
+    atomic_write_text(log, lines)
+    atomic_write_text(out / MANIFEST, json.dumps(m, indent=1, sort_keys=False) + "\n")
+    return m
+
+
+def _sweep_temp(out: Path) -> None:
+    for sub in ("shards", "meta"):
+        for p in (out / sub).glob(".*"):
+            if p.name.startswith(".tmp-") or p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+
+def _reason_counts(records: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        out[r["reason"]] = out.get(r["reason"], 0) + 1
+    return out
+
+
+def format_counts(report: RunReport) -> str:
+    c = report.counts
+    rate = (c["written"] + c["quarantined"]) / max(report.seconds, 1e-9)
+    line = (f"{report.dataset}: inputs {c['inputs']} = written {c['written']} + quarantined {c['quarantined']} "
+            f"+ skipped {c['skipped']}   ({report.seconds:.1f} s, {rate:.2f} inputs/s)")
+    if report.nothing_to_do:
+        line += "\n  nothing to do: every input is already converted (or quarantined with unchanged files)"
+    return line
