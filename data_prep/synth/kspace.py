@@ -47,6 +47,11 @@ CMRxRecon 2023 documentation gives, ``(kx, ky, sc, sz, t)`` -- i.e. the
 canonical array transposed.  :func:`read_kspace_mat` undoes this, so it returns
 the canonical ``(nt, nz, nc, ny, nx)`` / ``(nz, nc, ny, nx)`` for both formats.
 
+The reading side -- :data:`RELPATH_RE`, :func:`parse_relpath`,
+:func:`read_kspace_mat`, :data:`DEFAULT_KEY` -- lives in
+:mod:`data_prep.sources.kspace` (shared with the real datasets) and is
+re-exported here.
+
 Images: every (t, z) magnitude image is rendered from a 2D cardiac phantom for
 the slice's view (short axis: LV pool, myocardial ring, RV crescent,
 papillary muscles, pericardial fat, lungs, liver, spine, descending aorta and
@@ -81,7 +86,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +97,8 @@ import scipy.io
 
 from data_prep.fsutil import atomic_path
 from data_prep.mri import centered_fft2
+# Reading side (path layout, MAT reader) lives in data_prep.sources.kspace; re-exported here.
+from data_prep.sources.kspace import DEFAULT_KEY, RELPATH_RE, parse_relpath, read_kspace_mat
 
 __all__ = [
     "CATALOGUE",
@@ -118,7 +124,6 @@ __all__ = [
     "write_scan",
 ]
 
-DEFAULT_KEY = "kspace_full"
 FORMATS = ("v73", "v5")
 
 # --------------------------------------------------------------------------------------
@@ -222,39 +227,6 @@ def kind_of(name: str) -> ScanKind:
         return _KIND_BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown scan name {name!r}; known: {sorted(_KIND_BY_NAME)}") from None
-
-
-#: ``MultiCoil/<Modality>/TrainingSet/FullSample/CenterNNN/<Vendor>_<NN>T_<Model>/PNNN/<name>.mat``
-RELPATH_RE = re.compile(
-    r"^MultiCoil/(?P<modality>[A-Za-z]+)/TrainingSet/FullSample/"
-    r"(?P<center>Center\d{3})/"
-    r"(?P<scanner>(?P<vendor>[A-Za-z]+)_(?P<field>\d\d)T_(?P<model>[A-Za-z0-9.\-]+))/"
-    r"(?P<patient>P\d{3})/(?P<name>[A-Za-z0-9_]+)\.mat$"
-)
-
-
-def parse_relpath(relpath: str | os.PathLike[str]) -> dict[str, object]:
-    """Metadata encoded in a dataset path (what MetaCLIP-CMR parses from the layout).
-
-    Returns modality, name, center, vendor, field_strength_t (float), scanner_model,
-    scanner (folder), patient.  Raises ValueError if the path does not match
-    :data:`RELPATH_RE`.
-    """
-    s = Path(relpath).as_posix()
-    m = RELPATH_RE.match(s)
-    if m is None:
-        raise ValueError(f"{s}: not a MultiCoil/<Modality>/TrainingSet/FullSample/... path")
-    g = m.groupdict()
-    return {
-        "modality": g["modality"],
-        "name": g["name"],
-        "center": g["center"],
-        "vendor": g["vendor"],
-        "field_strength_t": int(g["field"]) / 10.0,
-        "scanner_model": g["model"],
-        "scanner": g["scanner"],
-        "patient": g["patient"],
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -822,7 +794,7 @@ def make_kspace(scan: KSpaceScan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------
-# MAT-file writers / reader
+# MAT-file writers (the reader is data_prep.sources.kspace.read_kspace_mat)
 # --------------------------------------------------------------------------------------
 
 _FIXED_DATE = "Mon Jan  1 00:00:00 2024"
@@ -892,52 +864,6 @@ def write_mat_v5(path: str | os.PathLike[str], kspace: np.ndarray, key: str = DE
     with _atomic_path(path) as tmp:
         tmp.write_bytes(bytes(data))
     return path
-
-
-def read_kspace_mat(path: str | os.PathLike[str], key: str = DEFAULT_KEY) -> np.ndarray:
-    """Read k-space from a MATLAB v7.3 (HDF5) or v5 MAT-file as complex64.
-
-    Returns the canonical order (nt, nz, nc, ny, nx) / (nz, nc, ny, nx) for both
-    formats (v5 files are stored in MATLAB order and transposed back).
-    Raises FileNotFoundError for a missing file and ValueError -- naming the file and
-    the reason -- for a non-MAT file, a missing key, a non-complex dtype or a rank
-    other than 4 or 5.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    if h5py.is_hdf5(p):
-        with h5py.File(p, "r") as f:
-            if key not in f:
-                raise ValueError(f"{p}: key {key!r} not found (keys: {sorted(f.keys())})")
-            ds = f[key]
-            if not isinstance(ds, h5py.Dataset):
-                raise ValueError(f"{p}: {key!r} is a {type(ds).__name__}, not a dataset")
-            dt = ds.dtype
-            names = dt.names or ()
-            if set(names) != {"real", "imag"} or any(dt[n].kind != "f" for n in names):
-                raise ValueError(f"{p}: {key!r} has dtype {dt}, expected compound real/imag floats (complex)")
-            if ds.ndim not in (4, 5):
-                raise ValueError(f"{p}: {key!r} has rank {ds.ndim} (shape {ds.shape}), expected 4 or 5")
-            raw = ds[()]
-        if raw.dtype == _COMPLEX_DT:
-            return np.ascontiguousarray(raw).view(np.complex64)
-        out = np.empty(raw.shape, dtype=np.complex64)
-        out.real = raw["real"]
-        out.imag = raw["imag"]
-        return out
-    try:
-        mat = scipy.io.loadmat(p, variable_names=[key])
-    except Exception as e:  # scipy raises ValueError/TypeError/MatReadError on junk
-        raise ValueError(f"{p}: not a readable MATLAB MAT-file ({type(e).__name__}: {e})") from e
-    if key not in mat:
-        raise ValueError(f"{p}: key {key!r} not found in MAT v5 file")
-    arr = np.asarray(mat[key])
-    if not np.iscomplexobj(arr):
-        raise ValueError(f"{p}: {key!r} has dtype {arr.dtype}, expected complex")
-    if arr.ndim not in (4, 5):
-        raise ValueError(f"{p}: {key!r} has rank {arr.ndim} (shape {arr.shape}), expected 4 or 5")
-    return np.ascontiguousarray(arr.T, dtype=np.complex64)
 
 
 # --------------------------------------------------------------------------------------

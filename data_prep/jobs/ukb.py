@@ -1,0 +1,101 @@
+"""`python -m data_prep ukb`: UK Biobank cine (NIfTI layout or raw DICOM zips) + tabular CSV -> shards + Zarr.
+
+Inputs are subjects. A subject directory `<eid>/` (ukbb_cardiac NIfTI layout) or the zip pair
+`<eid>_20209_2_0.zip` + `<eid>_20208_2_0.zip` (raw DICOM, imaging visit = instance 2) is one input; an eid
+present in both layouts is converted once, from the NIfTI (it carries the segmentations), and the other copy is
+counted as skipped. The tabular CSV is read once by the driver: each subject's raw feature vector (NaN where
+missing) and disease labels travel with its work item; z-scoring and imputation use the training split's
+statistics, versioned in the manifest and applied at load time, so growing the cohort never rewrites a shard.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from data_prep.format import DISEASES, UKBSample
+from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem
+from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
+from data_prep.sources.ukb_nifti import InputError, read_ukb_dicom_study, read_ukb_nifti_dir
+
+_ZIP_RE = re.compile(r"^(\d+)_(20208|20209)_(\d+)_(\d+)\.zip$")
+
+
+@dataclass
+class UKBJobConfig:
+    src: Path = Path("runs/demo/cohort/ukb")
+    tabular: Optional[Path] = None  # the UK Biobank CSV export; None: images only
+    features: Path = Path("configs/data_prep/ukb_features.yaml")
+    layout: Literal["auto", "nifti", "dicom"] = "auto"
+    job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("runs/demo/data/ukb")))
+    preprocess: UKBPreprocessConfig = field(default_factory=UKBPreprocessConfig)
+
+
+def discover(src: Path, layout: str = "auto") -> tuple[list[WorkItem], list[dict], list[str]]:
+    """-> work items (one per eid), skipped inputs (with reasons), ignored files (other visits, stray files)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: source directory does not exist")
+    items: dict[str, WorkItem] = {}
+    skipped, ignored = [], []
+    if layout in ("auto", "nifti"):
+        for d in sorted(p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):
+            items[d.name] = WorkItem(d.name, [str(d / f) for f in sorted(x.name for x in d.iterdir())],
+                                     {"kind": "nifti", "dir": str(d)})
+    if layout in ("auto", "dicom"):
+        zips: dict[str, dict[str, Path]] = {}
+        for z in sorted(src.glob("*.zip")):
+            m = _ZIP_RE.match(z.name)
+            if m is None or (m.group(3), m.group(4)) != ("2", "0"):
+                ignored.append(str(z))  # other visits (instance 3 repeat imaging) or unknown names
+                continue
+            zips.setdefault(m.group(1), {})[m.group(2)] = z
+        for eid, pair in sorted(zips.items()):
+            files = [str(p) for p in pair.values()]
+            if eid in items:
+                skipped.append({"key": eid, "reason": "duplicate eid: also in the NIfTI layout", "files": files})
+                continue
+            items[eid] = WorkItem(eid, files, {"kind": "dicom", "sa": str(pair.get("20209", "")),
+                                               "la": str(pair.get("20208", ""))})
+    return list(items.values()), skipped, ignored
+
+
+@dataclass
+class UKBDataset:
+    """The engine plug-in: how one subject becomes a UKBSample."""
+
+    preprocess: UKBPreprocessConfig
+    n_features: int
+    name: str = "ukb"
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        P, T, S = self.preprocess.sa_planes + 3, self.preprocess.frames, self.preprocess.crop
+        return {"image": ArraySpec((P, T, S, S), "float16", (1, 1, S, S)),
+                "seg": ArraySpec((P, T, S, S), "uint8", (1, 1, S, S)),
+                "seg_valid": ArraySpec((P,), "bool", (P,), False),
+                "tabular": ArraySpec((self.n_features,), "float32", (self.n_features,), np.nan),
+                "diseases": ArraySpec((len(DISEASES),), "int8", (len(DISEASES),), -1),
+                "phenotypes": ArraySpec((18,), "float32", (18,), np.nan)}
+
+    def process(self, item: WorkItem) -> UKBSample:
+        p = item.payload
+        if p.get("error"):
+            raise InputError(p["error"])
+        if p["kind"] == "nifti":
+            study = read_ukb_nifti_dir(p["dir"])
+        else:
+            missing = [f for f, z in (("20209 (short axis)", p["sa"]), ("20208 (long axis)", p["la"])) if not z]
+            if missing:
+                raise InputError(f"subject {item.key}: no {' or '.join(missing)} zip for instance 2")
+            study = read_ukb_dicom_study(p["sa"], p["la"])
+        image, seg, seg_valid, phenotypes, meta = preprocess(study, self.preprocess)
+        tab = p.get("tabular")
+        meta["tabular_row"] = tab is not None
+        return UKBSample(key=item.key, image=image, seg=seg, seg_valid=seg_valid,
+                         tabular=np.asarray(tab if tab is not None else np.full(self.n_features, np.nan), np.float32),
+                         diseases=np.asarray(p.get("diseases", [-1] * len(DISEASES)), np.int8),
+                         phenotypes=phenotypes, meta=meta)
