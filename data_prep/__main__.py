@@ -9,6 +9,9 @@ from data_prep.config import add_config_arguments, cli_parser, config_from_args,
 
 EPILOG = """examples:
   python -m data_prep synth --out data/synth --subjects 64 --kspace-scans 32 --seed 0
+  python -m data_prep ukb --src data/synth/ukb --tabular data/synth/ukb_tabular.csv --out data/ukb
+  python -m data_prep ukb --src data/synth/ukb_dicom --out data/ukb_dicom --ray-address auto
+  python -m data_prep kspace --src data/synth/kspace --out data/kspace --workers 2
   python -m data_prep synth --config configs/data_prep/synth_tiny.yaml --dicom
   python -m data_prep synth --out data/big prevalence_scale=3 kspace_format=mixed
 """
@@ -29,6 +32,51 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_flags(args: argparse.Namespace) -> None:
+    """--src/--out/--workers/--ray-address are overrides of the job config, like any section.key=value."""
+    flags = {"src": args.src, "job.out": args.out, "job.workers": args.workers, "job.ray_address": args.ray_address}
+    if getattr(args, "tabular", None) is not None:
+        flags["tabular"] = args.tabular
+    args.overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def _kspace(args: argparse.Namespace) -> int:
+    from data_prep.jobs.engine import format_summary
+    from data_prep.jobs.kspace import KSpaceJobConfig, run
+
+    _job_flags(args)
+    cfg = config_from_args(KSpaceJobConfig, args)
+    report, src_bytes = run(cfg, progress=not args.quiet)
+    print(format_summary(report, cfg.job.out, src_bytes))
+    return 0
+
+
+def _ukb(args: argparse.Namespace) -> int:
+    from data_prep.jobs.engine import format_summary
+    from data_prep.jobs.ukb import UKBJobConfig, run
+
+    _job_flags(args)
+    cfg = config_from_args(UKBJobConfig, args)
+    report, src_bytes = run(cfg, progress=not args.quiet)
+    print(format_summary(report, cfg.job.out, src_bytes))
+    return 0
+
+
+def _add_job_parser(sub, name: str, func, help_: str, description: str, tabular: bool = False) -> None:
+    j = sub.add_parser(name, help=help_, description=description, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    j.add_argument("--src", help="the raw source directory (config key: src)")
+    if tabular:
+        j.add_argument("--tabular", help="the UK Biobank tabular CSV export (config key: tabular)")
+    j.add_argument("--out", help="output directory: shards/, store.zarr, manifest.json (config key: job.out)")
+    g = j.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, help="CPUs of the local Ray cluster (default: all cores)")
+    g.add_argument("--ray-address", help="join an existing Ray cluster (e.g. auto, or ray://host:10001)")
+    j.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(j)
+    j.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p, sub = cli_parser("python -m data_prep", __doc__, EPILOG)
     s = sub.add_parser(
@@ -46,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(s)
     s.set_defaults(func=_synth)
+    _add_job_parser(sub, "ukb", _ukb, "convert UK Biobank cine (NIfTI or DICOM zips) + tabular CSV to shards + Zarr",
+                    "Convert UK Biobank cine CMR (the ukbb_cardiac NIfTI layout <eid>/sa.nii.gz ... or the raw "
+                    "DICOM zips <eid>_20209_2_0.zip / <eid>_20208_2_0.zip) and the tabular CSV into WebDataset "
+                    "shards and a Zarr store, on a local or existing Ray cluster. Re-runs skip what is done; "
+                    "a larger source appends.", tabular=True)
+    _add_job_parser(sub, "kspace", _kspace, "convert raw multi-coil k-space (CMRxRecon / MMCMR-427K) to shards + Zarr",
+                    "Reconstruct raw multi-coil k-space files (MATLAB v7.3 or v5, CMRxRecon / MMCMR-427K layout) "
+                    "into z-scored 224x224 image sequences with their acquisition metadata and MetaCLIP-CMR "
+                    "texts, written as WebDataset shards and a Zarr store.")
     return p
 
 

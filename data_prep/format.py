@@ -128,8 +128,8 @@ class UKBSample(_Sample):
     image: np.ndarray  # (P, T, H, W) float16 in [0, 1]
     seg: np.ndarray  # (P, T, H, W) uint8, LABELS space
     seg_valid: np.ndarray  # (P,) bool: the plane has a segmentation (not the 3-chamber view)
-    tabular: np.ndarray  # (F,) float32: z-scored numericals, categorical indices (see the manifest's schema)
-    tabular_missing: np.ndarray  # (F,) bool: imputed entries
+    tabular: np.ndarray  # (F,) float32 raw features, NaN = missing (categoricals as indices); z-scoring and
+    #                      imputation use the manifest's training statistics at load time (`normalise_tabular`)
     diseases: np.ndarray  # (len(DISEASES),) int8: 1 / 0, -1 where unknown
     phenotypes: np.ndarray  # (len(PHENOTYPES),) float32, NaN where unavailable
     meta: dict = field(default_factory=dict)  # source, spacing, crop box, chosen slices, frame interval, ...
@@ -142,3 +142,52 @@ class KSpaceSample(_Sample):
     key: str  # e.g. "Cine/Center002/Siemens_30T_Vida/P003/cine_sax"
     image: np.ndarray  # (T, Z, S, S) float16
     meta: dict = field(default_factory=dict)  # modality, views, center, vendor, field strength, model, texts
+
+
+# --- the Zarr store ----------------------------------------------------------------------------------------------
+class StoreReader:
+    """Random access to a converted dataset (`OUT/` with manifest.json, store.zarr, meta/), by key or row.
+
+    Reads touch only the requested rows' chunks: `ukb(key, frames=[0, 10, 20, 30, 40])` reads 9 x 5 image
+    chunks of one subject. Only rows the manifest lists are visible.
+    """
+
+    def __init__(self, out: str):
+        from pathlib import Path
+
+        import zarr
+
+        self.out = Path(out)
+        self.manifest = json.loads((self.out / "manifest.json").read_text())
+        self.group = zarr.open_group(self.out / self.manifest["store"], mode="r")
+        self.block_size = self.manifest["block_size"]
+        self.rows = {k: r for b in self.manifest["blocks"] for k, r in zip(b["keys"], b["rows"])}
+        self.split = {k: b["split"] for b in self.manifest["blocks"] for k in b["keys"]}
+        self._meta: dict[int, dict[int, dict]] = {}
+
+    def keys(self, split: str | None = None) -> list[str]:
+        return [k for k in self.rows if split is None or self.split[k] == split]
+
+    def meta(self, key: str) -> dict:
+        row = self.rows[key]
+        block = row // self.block_size
+        if block not in self._meta:
+            lines = (self.out / "meta" / f"block-{block:06d}.jsonl").read_text().splitlines()
+            self._meta[block] = {m["row"]: m for m in map(json.loads, lines)}
+        m = dict(self._meta[block][row])
+        m.pop("row"), m.pop("key")
+        return m
+
+    def ukb(self, key: str, frames=None) -> UKBSample:
+        g, r = self.group, self.rows[key]
+        sel = (r, slice(None), slice(None) if frames is None else list(frames))
+        return UKBSample(key=key, image=g["image"].get_orthogonal_selection(sel),
+                         seg=g["seg"].get_orthogonal_selection(sel), seg_valid=g["seg_valid"][r],
+                         tabular=g["tabular"][r], diseases=g["diseases"][r], phenotypes=g["phenotypes"][r],
+                         meta=self.meta(key))
+
+    def kspace(self, key: str) -> KSpaceSample:
+        g, r = self.group, self.rows[key]
+        t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
+        image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
+        return KSpaceSample(key=key, image=image, meta=self.meta(key))

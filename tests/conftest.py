@@ -21,3 +21,13 @@ def tiny_cohort(tmp_path_factory) -> Path:
     assert res.returncode == 0, res.stderr
     assert "UK Biobank subjects : 4" in res.stdout  # the one-screen summary
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with 2 worker CPUs, shared by the tests that need one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

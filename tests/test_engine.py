@@ -45,15 +45,11 @@ def _value(key: str) -> np.ndarray:
     return np.random.default_rng(seed).random((4, 4)).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
+@pytest.fixture(autouse=True)
+def _ray(ray_cluster):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _items(keys, tmp_path):

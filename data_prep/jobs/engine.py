@@ -66,10 +66,12 @@ class WorkItem:
 
 @dataclass
 class ArraySpec:
-    shape: tuple[int, ...]  # per sample
+    shape: tuple[int, ...]  # per sample (per item of a ragged array)
     dtype: str
     chunks: tuple[int, ...]  # per sample; the shard is (block_size, *shape)
     fill: Any = 0
+    ragged: int = 0  # > 0: a sample holds up to this many items of `shape`, stored contiguously in a flat array
+    #                  with `<name>_offset` / `<name>_count` per sample (memory and disk follow the real sizes)
 
 
 class Dataset(Protocol):
@@ -80,6 +82,8 @@ class Dataset(Protocol):
     def arrays(self) -> dict[str, ArraySpec]: ...  # the Sample's ndarray fields, as stored in Zarr
 
     def process(self, item: WorkItem) -> Any: ...  # -> a format.*Sample; raises on bad input
+
+    # optional: `rows(sample) -> {array name: value}` when the Zarr rows are not the sample's fields as they are
 
 
 @dataclass
@@ -136,7 +140,10 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
     out = Path(out)
     specs = dataset.arrays()
     B = block_size
-    data = {name: np.full((B, *s.shape), s.fill, s.dtype) for name, s in specs.items()}
+    data = {name: np.full((B, *s.shape), s.fill, s.dtype) for name, s in specs.items() if not s.ragged}
+    ragged = {name: [] for name, s in specs.items() if s.ragged}
+    offsets = {name: (np.full(B, -1, np.int64), np.zeros(B, np.int32)) for name in ragged}
+    next_row = {name: block.id * B * specs[name].ragged for name in ragged}
     valid = np.zeros(B, bool)
     keys = np.zeros((B, KEY_BYTES), np.uint8)
     written, rows, quarantined, metas, summaries = [], [], [], [], []
@@ -155,8 +162,16 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
                     quarantined.append(_quarantine_record(item, f"{type(e).__name__}: {e}"))
                     continue
                 tar.write(sample.to_wds())
-                for name in specs:
-                    data[name][i] = getattr(sample, name)
+                values = dataset.rows(sample) if hasattr(dataset, "rows") else {n: getattr(sample, n) for n in specs}
+                for name in data:
+                    data[name][i] = values[name]
+                for name, parts in ragged.items():
+                    v = np.asarray(values[name], specs[name].dtype)
+                    if len(v) > specs[name].ragged:
+                        raise ValueError(f"{item.key}: {len(v)} {name} items exceed the capacity {specs[name].ragged}")
+                    offsets[name][0][i], offsets[name][1][i] = next_row[name], len(v)
+                    next_row[name] += len(v)
+                    parts.append(v)
                 valid[i], keys[i] = True, encode_key(item.key)
                 written.append(item.key)
                 rows.append(block.id * B + i)
@@ -173,8 +188,13 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
     # Zarr: this block owns rows [id * B, (id + 1) * B), i.e. exactly one shard file per array
     group = zarr.open_group(_store_path(out), mode="r+")
     sl = slice(block.id * B, (block.id + 1) * B)
-    for name in specs:
+    for name in data:
         group[name][sl] = data[name]
+    for name, parts in ragged.items():
+        start = block.id * B * specs[name].ragged
+        if parts:  # one write of the block's real items: its shard file is written once
+            group[name][start:start + sum(len(p) for p in parts)] = np.concatenate(parts)
+        group[f"{name}_offset"][sl], group[f"{name}_count"][sl] = offsets[name]
     group["valid"][sl] = valid
     group["key"][sl] = keys
     meta_path = out / "meta" / f"block-{block.id:06d}.jsonl"
@@ -203,16 +223,22 @@ def _open_or_create_store(out: Path, dataset: Dataset, block_size: int, capacity
     specs = {**dataset.arrays(),
              "valid": ArraySpec((), "bool", (), False),
              "key": ArraySpec((KEY_BYTES,), "uint8", (KEY_BYTES,), 0)}
+    for name, s in list(specs.items()):
+        if s.ragged:
+            specs[f"{name}_offset"] = ArraySpec((), "int64", (), -1)
+            specs[f"{name}_count"] = ArraySpec((), "int32", (), 0)
     for name, s in specs.items():
+        per_block = block_size * (s.ragged or 1)  # rows a block owns = one shard
+        rows = capacity * (s.ragged or 1)
         if name in group:
             arr = group[name]
             if arr.shape[1:] != s.shape or str(arr.dtype) != np.dtype(s.dtype).name:
                 raise ValueError(f"{path}/{name}: existing array {arr.shape[1:]} {arr.dtype} does not match "
                                  f"this job's {s.shape} {s.dtype}; convert into a new --out")
-            if arr.shape[0] < capacity:
-                arr.resize((capacity, *s.shape))
+            if arr.shape[0] < rows:
+                arr.resize((rows, *s.shape))
             continue
-        group.create_array(name, shape=(capacity, *s.shape), chunks=(1, *s.chunks), shards=(block_size, *s.shape),
+        group.create_array(name, shape=(rows, *s.shape), chunks=(1, *s.chunks), shards=(per_block, *s.shape),
                            dtype=s.dtype, compressors=blosc, fill_value=s.fill)
     group.attrs.update({"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": block_size})
     return group
@@ -397,3 +423,27 @@ def format_counts(report: RunReport) -> str:
     if report.nothing_to_do:
         line += "\n  nothing to do: every input is already converted (or quarantined with unchanged files)"
     return line
+
+
+def dir_bytes(path: Path) -> int:
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def format_summary(report: RunReport, out: Path, source_bytes_per_input: Optional[float] = None) -> str:
+    """The one-screen summary a conversion prints."""
+    lines = [format_counts(report)]
+    m = report.manifest
+    if m:
+        t = m["totals"]
+        n = max(t["samples"], 1)
+        shard_bytes = sum(s["bytes"] for s in m["shards"])
+        lines.append(f"  dataset now: {t['samples']} samples (train {t['per_split']['train']}, val "
+                     f"{t['per_split']['val']}, test {t['per_split']['test']}) in {t['shards']} shards; "
+                     f"{t['quarantined']} quarantined (see {Path(out) / QUARANTINE})")
+        sizes = f"  bytes per sample: shards {shard_bytes / n / 2**20:.2f} MiB, zarr {dir_bytes(Path(out) / STORE) / n / 2**20:.2f} MiB"
+        if source_bytes_per_input:
+            sizes += f", source {source_bytes_per_input / 2**20:.2f} MiB"
+        lines.append(sizes)
+        lines.append(f"  manifest: {Path(out) / MANIFEST}")
+    return "\n".join(lines)
