@@ -26,7 +26,7 @@ def test_array_codec_compresses_and_rejects_foreign_bytes():
 def _ukb_sample(rng) -> UKBSample:
     return UKBSample(key="1234567", image=rng.random((9, 50, 16, 16)).astype(np.float16),
                      seg=rng.integers(0, 6, (9, 50, 16, 16)).astype(np.uint8), seg_valid=np.ones(9, bool),
-                     tabular=rng.standard_normal(12).astype(np.float32), tabular_missing=rng.random(12) < 0.2,
+                     tabular=np.where(rng.random(12) < 0.2, np.nan, rng.standard_normal(12)).astype(np.float32),
                      diseases=np.array([1, 0, -1, 0, 0, 1], np.int8)[: len(DISEASES)],
                      phenotypes=np.full(len(PHENOTYPES), np.nan, np.float32), meta={"eid": "1234567", "sa": [1, 2]})
 
@@ -36,8 +36,8 @@ def test_samples_round_trip_through_the_webdataset_dict():
     d = s.to_wds()
     assert d["__key__"] == "1234567" and set(d) >= {"image.arr", "seg.arr", "meta.json"}
     t = UKBSample.from_wds(d)
-    for name in ("image", "seg", "seg_valid", "tabular", "tabular_missing", "diseases"):
-        assert np.array_equal(getattr(s, name), getattr(t, name))
+    for name in ("image", "seg", "seg_valid", "tabular", "diseases"):
+        assert np.array_equal(getattr(s, name), getattr(t, name), equal_nan=name == "tabular")
     assert np.array_equal(np.isnan(t.phenotypes), np.isnan(s.phenotypes)) and t.meta == s.meta
     k = KSpaceSample(key="Cine/Center001/Siemens_30T_Vida/P001/cine_sax",
                      image=np.ones((12, 3, 8, 8), np.float16), meta={"modality": "Cine"})
