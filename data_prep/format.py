@@ -65,6 +65,25 @@ def decode_key(row: np.ndarray) -> str:
     return bytes(np.asarray(row, np.uint8)).rstrip(b"\0").decode()
 
 
+# --- tabular features at load time ---------------------------------------------------------------------------
+def normalise_tabular(raw: np.ndarray, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features (..., F) with NaN = missing -> (values float32, missing bool), with the manifest's training
+    statistics (`manifest["tabular"]["stats"][version]`): numerical z-scored, missing -> 0 (the training mean,
+    as in ViTa); categorical / binary indices kept, missing -> the training mode."""
+    feats = stats["features"]
+    num = np.array([f["kind"] == "numerical" for f in feats])
+    mean = np.array([f["mean"] if f["kind"] == "numerical" else 0.0 for f in feats])
+    std = np.array([f["std"] if f["kind"] == "numerical" else 1.0 for f in feats])
+    mode = np.array([0.0 if f["kind"] == "numerical" else float(f["mode"]) for f in feats])
+    raw = np.asarray(raw, np.float64)
+    if raw.shape[-1] != len(feats):
+        raise ValueError(f"{raw.shape[-1]} features, the statistics describe {len(feats)}")
+    missing = np.isnan(raw)
+    values = np.where(num, (raw - mean) / std, raw)
+    values = np.where(missing, np.where(num, 0.0, mode), values)
+    return values.astype(np.float32), missing
+
+
 # --- array codec -----------------------------------------------------------------------------------------------
 _MAGIC = b"CMRA"
 

@@ -178,5 +178,5 @@ def preprocess(study: CineStudy, cfg: UKBPreprocessConfig, heart_rate_bpm: float
             "sa_slice_method": slice_method, "crop_centre_method": centre_method, "crop_centres": crops,
             "crop_centre_ras_mm": [float(c) for c in centre], "frame_interval_ms": study.frame_interval_ms,
             "pixel_spacing_mm": {v: float(np.linalg.norm(study.affines[v][:3, 0])) for v in study.affines},
-            "sa_slices_available": int(study.pixels["sa"].shape[2])}
+            "sa_slices_available": int(study.pixels["sa"].shape[2]), "notes": list(study.notes)}
     return image, seg, seg_valid, phenotypes, meta

@@ -179,8 +179,8 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
                 if summarize is not None:
                     summaries.append(summarize(sample))
             tar.close()
-        if not written:
-            os.unlink(tmp)  # nothing to publish; atomic_path finds no file to rename
+    if not written:
+        shard_path.unlink()  # a complete but empty tar: not a shard, never listed
     shard = None
     if written:
         shard = {"path": shard_rel.as_posix(), "split": block.split, "samples": len(written),
@@ -362,7 +362,8 @@ def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, o
     try:
         res = ray.get(remote_block.remote(dataset, rest, str(out), cfg.block_size, summarize))
     except Exception as e2:
-        res = BlockResult(block.id, block.split, [], [], [_quarantine_record(it, f"block failed: {e2!r:.300}")
+        why = f"block failed: {type(e2).__name__}: {(str(e2).strip().splitlines() or [''])[-1][:300]}"
+        res = BlockResult(block.id, block.split, [], [], [_quarantine_record(it, why)
                                                           for it in rest.items if it is not None], None)
     res.quarantined = crashed + res.quarantined
     return res

@@ -99,3 +99,55 @@ class UKBDataset:
                          tabular=np.asarray(tab if tab is not None else np.full(self.n_features, np.nan), np.float32),
                          diseases=np.asarray(p.get("diseases", [-1] * len(DISEASES)), np.int8),
                          phenotypes=phenotypes, meta=meta)
+
+
+def run(cfg: UKBJobConfig, progress: bool = True):
+    """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
+    from data_prep.config import save_resolved_config
+    from data_prep.jobs.engine import run_job
+    from data_prep.tabular import (disease_table, extract_features, feature_schema, fit_stats,
+                                   load_feature_spec, read_ukb_csv)
+
+    items, skipped, ignored = discover(cfg.src, cfg.layout)
+    spec = load_feature_spec(cfg.features)
+    save_resolved_config(cfg, cfg.job.out, "ukb_config.yaml")
+    raw, eids, csv_info = None, [], {}
+    if cfg.tabular is not None:
+        df, report = read_ukb_csv(cfg.tabular, spec)
+        raw = extract_features(df, spec)
+        labels, names = disease_table(df, spec)
+        eids = [str(e) for e in df.index]
+        row_of = {e: i for i, e in enumerate(eids)}
+        order = [names.index(d) for d in DISEASES]
+        duplicates = {str(e) for e in report.duplicate_eids}
+        for it in items:
+            if it.key in duplicates:
+                it.payload["error"] = f"{cfg.tabular}: several rows for eid {it.key}; cannot tell which is right"
+            elif it.key in row_of:
+                i = row_of[it.key]
+                it.payload["tabular"] = raw[i].astype(np.float32)
+                it.payload["diseases"] = labels[i, order].astype(np.int8)
+        keys = {it.key for it in items}
+        csv_info = {"path": str(cfg.tabular), "errors": report.errors(),
+                    "imaging_without_csv_row": sorted(k for k in keys if k not in row_of),
+                    "csv_rows_without_imaging": sorted(e for e in eids if e not in keys)}
+
+    def extra(manifest: dict, results) -> dict:
+        tab = dict(manifest.get("tabular", {}))
+        tab["features"] = feature_schema(spec)
+        tab["diseases"] = list(DISEASES)
+        if csv_info:
+            tab["csv"] = csv_info
+        if raw is not None:  # statistics of every training subject in the dataset, from this CSV
+            train = {k for b in manifest["blocks"] if b["split"] == "train" for k in b["keys"]}
+            mask = np.array([e in train for e in eids])
+            stats = fit_stats(raw, spec, mask, eids).to_dict()
+            versions = dict(tab.get("stats", {}))
+            versions.setdefault(stats["version"], stats)
+            tab["stats"], tab["current_stats"] = versions, stats["version"]
+        return {"tabular": tab, "source": str(cfg.src), "ignored_files": sorted(set(ignored))}
+
+    dataset = UKBDataset(cfg.preprocess, len(spec.features))
+    report = run_job(dataset, items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
+    src_bytes = sum(Path(p).stat().st_size for it in items for p in it.paths if Path(p).is_file()) / max(len(items), 1)
+    return report, src_bytes

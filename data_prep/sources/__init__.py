@@ -20,3 +20,4 @@ class CineStudy:
     frame_interval_ms: float
     segs: dict[str, np.ndarray] = field(default_factory=dict)  # view -> (X, Y, Z, T) ukbb_cardiac labels
     source: str = "nifti"
+    notes: list[str] = field(default_factory=list)  # quirks met while reading (e.g. a missing DICOM manifest)

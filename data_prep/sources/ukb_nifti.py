@@ -48,10 +48,15 @@ def read_ukb_nifti_dir(subject_dir: str | Path) -> CineStudy:
 
 def read_ukb_dicom_study(sa_zip: str | Path, la_zip: str | Path) -> CineStudy:
     """The raw DICOM zips (field 20209 short axis, 20208 long axis) of one subject; no segmentations."""
-    vols = {}
+    import warnings
+
+    vols, notes = {}, []
     for z in (sa_zip, la_zip):
         try:
-            vols.update(read_ukb_dicom_zip(z))
+            with warnings.catch_warnings(record=True) as caught:  # real-world quirks: converted, but noted
+                warnings.simplefilter("always")
+                vols.update(read_ukb_dicom_zip(z))
+            notes += [str(w.message) for w in caught]
         except ValueError as e:
             raise InputError(str(e)) from e
     missing = [v for v in CINE_VIEWS if v not in vols]
@@ -60,4 +65,4 @@ def read_ukb_dicom_study(sa_zip: str | Path, la_zip: str | Path) -> CineStudy:
     eid = Path(sa_zip).name.split("_")[0]
     dts = [vols[v].frame_interval_ms for v in CINE_VIEWS]
     return CineStudy(eid, {v: vols[v].pixels for v in CINE_VIEWS}, {v: vols[v].affine for v in CINE_VIEWS},
-                     float(np.nanmedian(dts)), {}, source="dicom")
+                     float(np.nanmedian(dts)), {}, source="dicom", notes=notes)
