@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/python -m data_prep synth --config configs/data_prep/synth_demo.yaml out=$(DEMO_DIR)/cohort
+	$(BIN)/python -m data_prep ukb --config configs/data_prep/ukb_convert.yaml --src $(DEMO_DIR)/cohort/ukb \
+		--tabular $(DEMO_DIR)/cohort/ukb_tabular.csv --out $(DEMO_DIR)/data/ukb
+	$(BIN)/python -m data_prep kspace --config configs/data_prep/kspace_convert.yaml --src $(DEMO_DIR)/cohort/kspace \
+		--out $(DEMO_DIR)/data/kspace
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -331,10 +331,14 @@ def cli_parser(prog: str, description: str, epilog: str) -> tuple[argparse.Argum
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse and dispatch to the subcommand's `func`; a ConfigError is a one-line message and exit code 2."""
+    """Parse and dispatch to the subcommand's `func`; a bad config or a missing input is a one-line message and
+    exit code 2 (anything else is a bug and keeps its traceback)."""
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
   motion along the long axis (image-based).
 - Crop `crop` x `crop` pixels (no resampling) around the heart: the bounding-box centre of the SA segmentation
   carried into every plane through the affines; without a segmentation, the point where the long axis (the
-  intersection line of the 2- and 4-chamber planes) pierces the middle chosen SA slice.
+  intersection line of the 2- and 4-chamber planes) pierces the middle chosen SA slice; failing that, the
+  centre of that slice.
 - Intensities: per plane, clip to the (low, high) percentiles of its cropped frames, then min-max to [0, 1].
 - Segmentations follow every step; labels move to one space over all planes (`format.LABELS`).
 - All stored frames are kept (the frames used for training are chosen at load time).
@@ -99,7 +100,10 @@ def select_sa_slices(study: CineStudy, cfg: UKBPreprocessConfig) -> tuple[list[i
         ii, jj = np.meshgrid(np.arange(px.shape[0]), np.arange(px.shape[1]), indexing="ij")
         score = np.empty(z)
         for k in range(z):
-            ci, cj = _pierce(study, k)
+            try:
+                ci, cj = _pierce(study, k)
+            except InputError:  # degenerate long-axis geometry: measure around the image centre
+                ci, cj = (px.shape[0] - 1) / 2.0, (px.shape[1] - 1) / 2.0
             disk = (ii - ci) ** 2 + (jj - cj) ** 2 <= r * r
             score[k] = px[disk, k, :].std(axis=-1).mean() if disk.any() else 0.0
         window = np.convolve(score, np.ones(n), mode="valid")
@@ -120,8 +124,12 @@ def heart_centre(study: CineStudy, slices: list[int]) -> tuple[np.ndarray, str]:
             centre[2] = slices[0] + centre[2]
             return (A @ np.append(centre, 1.0))[:3], "segmentation"
     mid = slices[len(slices) // 2]
-    i, j = _pierce(study, mid)
-    return (A @ np.array([i, j, mid, 1.0]))[:3], "long-axis intersection"
+    try:
+        i, j = _pierce(study, mid)
+        method = "long-axis intersection"
+    except InputError:  # degenerate long-axis geometry: fall back to the image centre
+        (i, j), method = (np.array(study.pixels["sa"].shape[:2]) - 1) / 2.0, "image centre"
+    return (A @ np.array([i, j, mid, 1.0]))[:3], method
 
 
 def _crop(a: np.ndarray, ci: float, cj: float, size: int) -> np.ndarray:

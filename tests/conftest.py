@@ -28,6 +28,7 @@ def ray_cluster():
     """A real local Ray cluster with 2 worker CPUs, shared by the tests that need one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()

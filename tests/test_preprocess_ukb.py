@@ -126,3 +126,10 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
     bad_zip.write_bytes(gzip.compress(b"not a zip"))
     with pytest.raises(InputError, match="1000000_20209_2_0.zip"):
         read_ukb_dicom_study(bad_zip, bad_zip)
+
+
+def test_degenerate_long_axis_falls_back_to_the_image_centre(tiny_cohort):
+    study = dataclasses.replace(read_ukb_nifti_dir(_subjects(tiny_cohort)[0]), segs={})
+    study.affines = dict(study.affines, la_4ch=study.affines["la_2ch"])  # parallel planes: no long axis
+    image, _, _, _, meta = preprocess(study, CFG)
+    assert meta["crop_centre_method"] == "image centre" and image.shape == (9, 50, 128, 128)

@@ -280,8 +280,9 @@ def _ray_init(cfg: JobConfig):
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # a private cluster on this machine: keep its traffic on the loopback interface
+        ray.init(address="local", num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     return ray
 
 
@@ -320,6 +321,7 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     blocks = _plan_blocks(todo, (old or {}).get("next_block", 0), cfg)
     _open_or_create_store(out, dataset, cfg.block_size, (blocks[-1].id + 1) * cfg.block_size)
     ray = _ray_init(cfg)
+    t_convert = time.perf_counter()
     remote_block = ray.remote(max_retries=cfg.max_retries)(run_block)
     remote_probe = ray.remote(max_retries=0)(probe_item)
     pending = {remote_block.remote(dataset, b, str(out), cfg.block_size, summarize): b for b in blocks}
@@ -339,10 +341,13 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     bar.close()
     results.sort(key=lambda r: r.id)
     _sweep_temp(out)  # temp files of workers that died mid-write (never read: hidden names, never renamed)
+    counts_seconds = {"seconds_total": round(time.perf_counter() - t0, 3),
+                      "seconds_convert": round(time.perf_counter() - t_convert, 3)}
     counts["written"] = sum(len(r.keys) for r in results)
     counts["quarantined"] = sum(len(r.quarantined) for r in results)
     assert counts["inputs"] == counts["written"] + counts["quarantined"] + counts["skipped"], counts
-    manifest = _write_manifest(out, dataset, cfg, job_config, old, blocks, results, counts, skipped, manifest_extra)
+    manifest = _write_manifest(out, dataset, cfg, job_config, old, blocks, results, counts, skipped, manifest_extra,
+                               counts_seconds)
     return RunReport(dataset.name, counts, time.perf_counter() - t0, manifest, results)
 
 
@@ -371,7 +376,7 @@ def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, o
 
 def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any, old: Optional[dict],
                     blocks: list[Block], results: list[BlockResult], counts: dict, skipped: list[dict],
-                    extra: Optional[Callable[[dict, list[BlockResult]], dict]]) -> dict:
+                    extra: Optional[Callable[[dict, list[BlockResult]], dict]], timing: dict) -> dict:
     m = old or {"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": cfg.block_size,
                 "store": STORE, "quarantine": QUARANTINE, "blocks": [], "shards": [], "quarantined": [], "runs": []}
     m["config"] = config_to_dict(job_config)
@@ -390,7 +395,7 @@ def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any
                    "quarantined": len(m["quarantined"])}
     run = len(m["runs"])
     m["runs"].append({"run": run, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "counts": counts, "skipped": _reason_counts(skipped)})
+                      "counts": counts, "skipped": _reason_counts(skipped), **timing})
     if extra is not None:
         m.update(extra(m, results))
     # the quarantine log: one JSON line per rejected input and run, appended

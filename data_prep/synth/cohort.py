@@ -25,9 +25,10 @@ from typing import Literal
 
 import nibabel as nib
 import numpy as np
+import yaml
 from tqdm import tqdm
 
-from data_prep.config import save_resolved_config
+from data_prep.config import ConfigError, config_to_dict, save_resolved_config
 from data_prep.fsutil import atomic_path, atomic_write_text
 from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.synth import kspace as ksp
@@ -144,8 +145,14 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     """Write the whole cohort; returns the summary dict that `format_summary` prints."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    done = out / "synth_config.yaml"  # written last: its presence means the cohort is complete
+    if done.exists():
+        same = {**yaml.safe_load(done.read_text()), "workers": cfg.workers} == config_to_dict(cfg)
+        if not same:
+            raise ConfigError(f"{out} holds a complete cohort made with another config ({done}); "
+                             "choose another --out or delete it")
+        return _summary(cfg, _read_rows(out / "truth.csv"), _read_rows(out / "kspace_truth.csv"), 0.0, cached=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, out, "synth_config.yaml")
     eids = cohort_eids(cfg.subjects, cfg.seed)
     scans = ksp.plan_kspace_scans(cfg.kspace_scans, cfg.seed, cfg.kspace_size_scale)
     tasks = [(cfg, "subject", e) for e in eids] + [(cfg, "kspace", s) for s in scans]
@@ -170,7 +177,17 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         write_tabular_csv(out / "ukb_tabular.csv", tab_rows, cfg.seed)
     if scans:
         _write_csv(out / "kspace_truth.csv", scan_rows, list(scan_rows[0].keys()))
+    save_resolved_config(cfg, out, "synth_config.yaml")
     return _summary(cfg, truths, scan_rows, time.perf_counter() - t0)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in DISEASES or k == "eid" else float(v) if k in PHENOTYPES else v) for k, v in r.items()}
+            for r in rows]
 
 
 class _Serial:
@@ -191,9 +208,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _summary(cfg: SynthConfig, truths: list[dict], scans: list[dict], seconds: float) -> dict:
+def _summary(cfg: SynthConfig, truths: list[dict], scans: list[dict], seconds: float, cached: bool = False) -> dict:
     out = Path(cfg.out)
-    s = {"out": str(out), "subjects": len(truths), "kspace_scans": len(scans), "seconds": seconds,
+    s = {"out": str(out), "subjects": len(truths), "kspace_scans": len(scans), "seconds": seconds, "cached": cached,
          "bytes": {k: _dir_bytes(out / k) for k in ("ukb", "ukb_dicom", "kspace")}}
     s["prevalence"] = {d: float(np.mean([t[d] for t in truths])) if truths else math.nan for d in DISEASES}
     s["phenotypes"] = {p: (float(np.mean([t[p] for t in truths])), float(np.std([t[p] for t in truths])))
@@ -207,8 +224,9 @@ def _summary(cfg: SynthConfig, truths: list[dict], scans: list[dict], seconds: f
 
 def format_summary(s: dict) -> str:
     mb = {k: v / 2**20 for k, v in s["bytes"].items()}
-    lines = [f"Synthetic cohort in {s['out']}  ({s['seconds']:.1f} s, "
-             f"{s['subjects'] / max(s['seconds'], 1e-9):.2f} subjects/s)",
+    timing = ("already complete with this config: nothing to do" if s["cached"] else
+              f"{s['seconds']:.1f} s, {s['subjects'] / max(s['seconds'], 1e-9):.2f} subjects/s")
+    lines = [f"Synthetic cohort in {s['out']}  ({timing})",
              f"  UK Biobank subjects : {s['subjects']}   NIfTI {mb['ukb']:.1f} MiB   DICOM {mb['ukb_dicom']:.1f} MiB",
              f"  k-space scans       : {s['kspace_scans']}   {mb['kspace']:.1f} MiB   "
              + ", ".join(f"{k} {v}" for k, v in sorted(s["kspace_files"].items()))]
