@@ -13,7 +13,6 @@ loaders on GPU machines import this module.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import struct
 from dataclasses import dataclass, field, fields

@@ -125,3 +125,14 @@ def test_quarantined_inputs_are_not_retried_until_their_files_change(tmp_path):
     assert rep.counts == {"inputs": 2, "written": 0, "quarantined": 1, "skipped": 1}
     m = json.loads((cfg.out / "manifest.json").read_text())
     assert [q["key"] for q in m["quarantined"]] == ["4000001bad"]  # replaced, not duplicated
+
+
+def test_block_size_and_splits_are_fixed_for_a_dataset(tmp_path):
+    from data_prep.config import ConfigError
+
+    cfg = JobConfig(out=tmp_path / "out", block_size=4, workers=2)
+    run_job(ToyDataset(), _items(["5000000"], tmp_path), cfg, cfg, progress=False)
+    for changed in (JobConfig(out=cfg.out, block_size=8, workers=2),
+                    JobConfig(out=cfg.out, block_size=4, workers=2, val_fraction=0.2)):
+        with pytest.raises(ConfigError, match="fixed for a dataset"):
+            run_job(ToyDataset(), _items(["5000001"], tmp_path), changed, changed, progress=False)

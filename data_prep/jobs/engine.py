@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
-from data_prep.config import config_to_dict
+from data_prep.config import ConfigError, config_to_dict
 from data_prep.format import KEY_BYTES, SCHEMA_VERSION, encode_key, split_of
 from data_prep.fsutil import atomic_path, atomic_write_text
 
@@ -101,7 +101,6 @@ class BlockResult:
     rows: list[int]  # their Zarr rows
     quarantined: list[dict]
     shard: Optional[dict]  # path, split, samples, sha256, bytes — None when nothing was written
-    summaries: list[dict] = field(default_factory=list)  # per written sample, for the job's own checks
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -131,8 +130,7 @@ def _store_path(out: Path) -> Path:
     return out / STORE
 
 
-def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
-              summarize: Optional[Callable[[Any], dict]] = None) -> BlockResult:
+def run_block(dataset: Dataset, block: Block, out: str, block_size: int) -> BlockResult:
     """Convert one block (runs in a Ray worker). Never raises for a bad input: it quarantines it."""
     import webdataset as wds
     import zarr
@@ -146,7 +144,7 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
     next_row = {name: block.id * B * specs[name].ragged for name in ragged}
     valid = np.zeros(B, bool)
     keys = np.zeros((B, KEY_BYTES), np.uint8)
-    written, rows, quarantined, metas, summaries = [], [], [], [], []
+    written, rows, quarantined, metas = [], [], [], []
     shard_rel = Path("shards") / f"{dataset.name}-{block.split}-{block.id:06d}.tar"
     shard_path = out / shard_rel
     shard_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +174,6 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
                 written.append(item.key)
                 rows.append(block.id * B + i)
                 metas.append({"row": block.id * B + i, "key": item.key, **sample.meta})
-                if summarize is not None:
-                    summaries.append(summarize(sample))
             tar.close()
     if not written:
         shard_path.unlink()  # a complete but empty tar: not a shard, never listed
@@ -200,7 +196,7 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int,
     meta_path = out / "meta" / f"block-{block.id:06d}.jsonl"
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metas))
-    return BlockResult(block.id, block.split, written, rows, quarantined, shard, summaries)
+    return BlockResult(block.id, block.split, written, rows, quarantined, shard)
 
 
 def probe_item(dataset: Dataset, item: WorkItem) -> Optional[str]:
@@ -287,8 +283,7 @@ def _ray_init(cfg: JobConfig):
 
 
 def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config: Any, *,
-            skipped: Optional[list[dict]] = None, summarize: Optional[Callable[[Any], dict]] = None,
-            manifest_extra: Optional[Callable[[dict, list[BlockResult]], dict]] = None,
+            skipped: Optional[list[dict]] = None, manifest_extra: Optional[Callable[[dict, list[BlockResult]], dict]] = None,
             progress: bool = True) -> RunReport:
     """Convert `items` (already de-duplicated by the job; `skipped` lists what it dropped, with reasons)."""
     from tqdm import tqdm
@@ -299,9 +294,10 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     old = load_manifest(out)
     if old is not None and old["dataset"] != dataset.name:
         raise ValueError(f"{out / MANIFEST}: holds a {old['dataset']!r} dataset, not {dataset.name!r}")
-    if old is not None and old["block_size"] != cfg.block_size:
-        raise ValueError(f"{out / MANIFEST}: block_size {old['block_size']} != {cfg.block_size}: "
-                         "a store keeps its block size")
+    splits = {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
+    if old is not None and (old["block_size"], old.get("splits", splits)) != (cfg.block_size, splits):
+        raise ConfigError(f"{out / MANIFEST}: block_size {old['block_size']} and splits {old.get('splits')} are "
+                          f"fixed for a dataset (this run: {cfg.block_size}, {splits}); they keep subjects in place")
     done = {k for b in (old or {}).get("blocks", []) for k in b["keys"]}
     prev_q = {q["key"]: q for q in (old or {}).get("quarantined", [])}
     skipped = list(skipped or [])  # dropped by the job's discovery (duplicates, ...): inputs too
@@ -324,7 +320,7 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     t_convert = time.perf_counter()
     remote_block = ray.remote(max_retries=cfg.max_retries)(run_block)
     remote_probe = ray.remote(max_retries=0)(probe_item)
-    pending = {remote_block.remote(dataset, b, str(out), cfg.block_size, summarize): b for b in blocks}
+    pending = {remote_block.remote(dataset, b, str(out), cfg.block_size): b for b in blocks}
     results: list[BlockResult] = []
     bar = tqdm(total=len(todo), desc=dataset.name, unit="input", disable=not progress, mininterval=1.0)
     while pending:
@@ -332,8 +328,8 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
         block = pending.pop(ref)
         try:
             res = ray.get(ref)
-        except Exception as e:  # the block's worker died on every try
-            res = _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block, out, cfg, summarize, e)
+        except Exception:  # the block's worker died on every try
+            res = _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block, out, cfg)
         results.append(res)
         bar.update(sum(it is not None for it in block.items))
         bar.set_postfix(written=sum(len(r.keys) for r in results),
@@ -351,8 +347,8 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     return RunReport(dataset.name, counts, time.perf_counter() - t0, manifest, results)
 
 
-def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, out: Path, cfg: JobConfig,
-                       summarize, error: Exception) -> BlockResult:
+def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, out: Path,
+                       cfg: JobConfig) -> BlockResult:
     """Probe each input of a failed block in its own task; quarantine the ones that kill their worker and
     convert the rest (their Zarr rows unchanged). If even that fails, quarantine the block's inputs."""
     probes = [(it, remote_probe.remote(dataset, it)) for it in block.items if it is not None]
@@ -365,7 +361,7 @@ def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, o
     gone = {c["key"] for c in crashed}
     rest = Block(block.id, block.split, [None if it is None or it.key in gone else it for it in block.items])
     try:
-        res = ray.get(remote_block.remote(dataset, rest, str(out), cfg.block_size, summarize))
+        res = ray.get(remote_block.remote(dataset, rest, str(out), cfg.block_size))
     except Exception as e2:
         why = f"block failed: {type(e2).__name__}: {(str(e2).strip().splitlines() or [''])[-1][:300]}"
         res = BlockResult(block.id, block.split, [], [], [_quarantine_record(it, why)
@@ -378,6 +374,7 @@ def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any
                     blocks: list[Block], results: list[BlockResult], counts: dict, skipped: list[dict],
                     extra: Optional[Callable[[dict, list[BlockResult]], dict]], timing: dict) -> dict:
     m = old or {"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": cfg.block_size,
+                "splits": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
                 "store": STORE, "quarantine": QUARANTINE, "blocks": [], "shards": [], "quarantined": [], "runs": []}
     m["config"] = config_to_dict(job_config)
     for r in results:

@@ -451,7 +451,7 @@ def _medical_history(r: _Row, s: Subject) -> None:
     condition / treatment may have started between the visits), so the union over instances equals the
     imaging-visit answer. high_blood_pressure <=> 6150 contains 4 at instance 2 (unless answered -3).
     """
-    rng, u = r.rng, r.rng.random
+    u = r.rng.random
     conds2 = []
     if s.infarct and u() < 0.88 or (not s.infarct and u() < 0.002):
         conds2.append(1)
