@@ -40,26 +40,22 @@ def _job_flags(args: argparse.Namespace) -> None:
     args.overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
-def _kspace(args: argparse.Namespace) -> int:
-    from data_prep.jobs.engine import format_summary
-    from data_prep.jobs.kspace import KSpaceJobConfig, run
+def _convert(job: str):
+    """The `ukb` / `kspace` commands: data_prep.jobs.<job> provides JOB_CONFIG and run()."""
 
-    _job_flags(args)
-    cfg = config_from_args(KSpaceJobConfig, args)
-    report, src_bytes = run(cfg, progress=not args.quiet)
-    print(format_summary(report, cfg.job.out, src_bytes))
-    return 0
+    def command(args: argparse.Namespace) -> int:
+        from importlib import import_module
 
+        from data_prep.jobs.engine import format_summary
 
-def _ukb(args: argparse.Namespace) -> int:
-    from data_prep.jobs.engine import format_summary
-    from data_prep.jobs.ukb import UKBJobConfig, run
+        module = import_module(f"data_prep.jobs.{job}")
+        _job_flags(args)
+        cfg = config_from_args(module.JOB_CONFIG, args)
+        report, src_bytes = module.run(cfg, progress=not args.quiet)
+        print(format_summary(report, cfg.job.out, src_bytes))
+        return 0
 
-    _job_flags(args)
-    cfg = config_from_args(UKBJobConfig, args)
-    report, src_bytes = run(cfg, progress=not args.quiet)
-    print(format_summary(report, cfg.job.out, src_bytes))
-    return 0
+    return command
 
 
 def _add_job_parser(sub, name: str, func, help_: str, description: str, tabular: bool = False) -> None:
@@ -94,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(s)
     s.set_defaults(func=_synth)
-    _add_job_parser(sub, "ukb", _ukb, "convert UK Biobank cine (NIfTI or DICOM zips) + tabular CSV to shards + Zarr",
+    _add_job_parser(sub, "ukb", _convert("ukb"), "convert UK Biobank cine (NIfTI or DICOM zips) + tabular CSV to shards + Zarr",
                     "Convert UK Biobank cine CMR (the ukbb_cardiac NIfTI layout <eid>/sa.nii.gz ... or the raw "
                     "DICOM zips <eid>_20209_2_0.zip / <eid>_20208_2_0.zip) and the tabular CSV into WebDataset "
                     "shards and a Zarr store, on a local or existing Ray cluster. Re-runs skip what is done; "
                     "a larger source appends.", tabular=True)
-    _add_job_parser(sub, "kspace", _kspace, "convert raw multi-coil k-space (CMRxRecon / MMCMR-427K) to shards + Zarr",
+    _add_job_parser(sub, "kspace", _convert("kspace"), "convert raw multi-coil k-space (CMRxRecon / MMCMR-427K) to shards + Zarr",
                     "Reconstruct raw multi-coil k-space files (MATLAB v7.3 or v5, CMRxRecon / MMCMR-427K layout) "
                     "into z-scored 224x224 image sequences with their acquisition metadata and MetaCLIP-CMR "
                     "texts, written as WebDataset shards and a Zarr store.")

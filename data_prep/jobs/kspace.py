@@ -109,3 +109,6 @@ def run(cfg: KSpaceJobConfig, progress: bool = True):
     report = run_job(KSpaceDataset(cfg), items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
     src_bytes = sum(Path(it.paths[0]).stat().st_size for it in items) / max(len(items), 1)
     return report, src_bytes
+
+
+JOB_CONFIG = KSpaceJobConfig  # the CLI's config schema

@@ -151,3 +151,6 @@ def run(cfg: UKBJobConfig, progress: bool = True):
     report = run_job(dataset, items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
     src_bytes = sum(Path(p).stat().st_size for it in items for p in it.paths if Path(p).is_file()) / max(len(items), 1)
     return report, src_bytes
+
+
+JOB_CONFIG = UKBJobConfig  # the CLI's config schema
