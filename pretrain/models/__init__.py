@@ -1,0 +1,1 @@
+"""Model definitions for pretraining (ViTa Stage I encoder / MAE)."""
