@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import sys
 
-from data_prep.config import add_show_config_command, cli_parser, run_cli
+from data_prep.config import add_config_arguments, add_show_config_command, cli_parser, config_from_args, run_cli
 from pretrain.config import PretrainConfig
 
 EPILOG = """examples:
+  torchrun --nproc_per_node 2 -m pretrain train --config configs/pretrain/vita_stage1_tiny.yaml
+  deepspeed --num_gpus 8 --module pretrain train --config configs/pretrain/vita_stage1.yaml
+  python -m pretrain export --run runs/vita_stage1
   python -m pretrain config --config configs/pretrain/vita_stage1.yaml          # paper-scale Stage I, resolved
   python -m pretrain config --config configs/pretrain/vita_stage1_tiny.yaml train.zero_stage=3 optim.lr=1e-3
 
@@ -16,8 +19,31 @@ configs/pretrain/ holds the paper-scale configs (vita_stage1, vita_stage2, metac
 """
 
 
+def _train(args) -> int:
+    from pretrain.train import train
+
+    result = train(config_from_args(PretrainConfig, args))
+    return 0 if result["step"] > 0 or result["stopped"] else 1
+
+
+def _export(args) -> int:
+    from pretrain.export import export_encoder
+
+    print(f"wrote {export_encoder(args.run, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("python -m pretrain", __doc__, EPILOG)
+    t = sub.add_parser("train", help="train (Stage I MAE); resumes from the latest complete checkpoint",
+                       description="Train with DeepSpeed ZeRO. Launch with torchrun, the deepspeed launcher, srun, "
+                                   "or as one process.")
+    add_config_arguments(t, "configs/pretrain/vita_stage1_tiny.yaml")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("export", help="write encoder.safetensors + encoder_config.yaml from a run's checkpoint")
+    e.add_argument("--run", required=True, help="the run directory (checkpoint.dir)")
+    e.add_argument("--out", help="output directory (default: the run directory)")
+    e.set_defaults(func=_export)
     add_show_config_command(sub, PretrainConfig, "configs/pretrain/vita_stage1.yaml")
     return run_cli(parser, argv)
 

@@ -79,13 +79,25 @@ class MetaCLIPConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "runs/demo/shards/ukb-train-{000000..000003}.tar"
-    shuffle_buffer: int = 256
-    workers: int = 2
-    resampled: bool = True
-    rotation_deg: float = 10.0
-    flip: bool = True
-    contrast: float = 0.1
+    """The Stage I/II loader (`pretrain/data.py`): shards of a converted dataset, streamed per (rank, worker)."""
+    # the converted dataset (data_prep's OUT, holding manifest.json): the loader reads its shard list from it and
+    # streams infinitely, re-permuting the shards every epoch
+    dataset: Path = Path("runs/demo/data/ukb")
+    shuffle_buffer: int = 64  # samples per (rank, worker) slot; it holds raw (compressed, ~10 MB) samples
+    workers: int = 2  # DataLoader workers per rank; 0: load in the training process
+    frames: int = 5  # evenly spaced of the stored frames (ViTa: 5 of 50); keep equal to model.frames
+    temporal_offset: bool = False  # random cyclic shift of the selected frames, < one frame spacing
+    rotation_deg: float = 10.0  # random rotation in +-rotation_deg, one angle per plane; 0: off
+    flip: bool = True  # horizontal flip, per plane with p = 0.5
+    contrast: float = 0.1  # gamma in [1 - contrast, 1 + contrast] per sample; 0: off
+    seg: bool = False  # also load the segmentation (off for Stage I/II: saves reading and buffer memory)
+
+    def __post_init__(self):
+        if self.shuffle_buffer < 0 or self.workers < 0 or self.frames < 1:
+            raise ValueError("data: shuffle_buffer >= 0, workers >= 0 and frames >= 1 are required")
+        if self.rotation_deg < 0 or not 0.0 <= self.contrast < 1.0:
+            raise ValueError(f"data: rotation_deg >= 0 and 0 <= contrast < 1 are required, got "
+                             f"{self.rotation_deg}, {self.contrast}")
 
 
 @dataclass
@@ -101,7 +113,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    samples_per_epoch: int = 42000
+    samples_per_epoch: Optional[int] = None  # None: the training split's size from the dataset manifest
     global_batch: int = 2
     micro_batch: int = 2
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -109,6 +121,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
+    deepspeed_dir: Path = Path("configs/deepspeed")  # zero<stage>.json: ZeRO tuning; batch/precision come from here
 
 
 @dataclass

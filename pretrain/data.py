@@ -1,0 +1,567 @@
+"""The Stage I/II training loader: WebDataset shards of a converted UK Biobank dataset, streamed
+deterministically and resumed exactly.
+
+Input
+    A converted dataset directory (the one holding manifest.json, written by `data_prep.jobs.engine`) and a split
+    (default "train"). The shard list is `manifest["shards"]` of that split, sorted by block id, each with its
+    sample count; nothing else is listed or globbed, so shards of an unfinished conversion are never read.
+
+Slots
+    With world size W and K DataLoader workers per rank there are R = W * max(K, 1) slots; slot s = rank * K +
+    worker (K = 0, loading in the training process, is one slot per rank, the same stream as K = 1).
+
+The per-slot stream (infinite, re-permuted every epoch)
+    for epoch e = 0, 1, 2, ...:
+      perm = the shard list permuted by a RNG seeded from (seed, e);
+      slot s reads shards perm[s], perm[s + R], perm[s + 2R], ... in that order;
+      fallback when there are fewer shards than slots (n < R): slot s reads the single shard perm[s % n], so every
+      slot has data; each shard is then read by floor(R / n) or ceil(R / n) slots per epoch, i.e. each sample is
+      seen about R / n times per global pass over the data, every copy with the same augmentation (it is a
+      function of (seed, key, epoch)) -- a mode for tiny/demo datasets only, with a warning;
+      the samples pass through a shuffle buffer of `shuffle_buffer` samples seeded from (seed, e, s): it fills
+      to its size, then each incoming sample replaces a uniformly chosen buffered one, which is emitted; at the
+      end of the slot's epoch it drains in random order. The buffer is per (slot, epoch), so its state after
+      k samples is a pure function of k (it holds raw, still-compressed samples: memory per rank is about
+      shuffle_buffer * max(K, 1) * the shard bytes per sample).
+    A slot's epoch ends when it has read its shards; when R does not divide the shard count (or shards differ in
+    size) slots have different epoch lengths and drift apart in epochs. A global epoch is an exact pass over the
+    data (every key exactly once over all slots) only when shards divide evenly over slots.
+    All random numbers come from NumPy's PCG64 raw output under SeedSequence (streams NumPy guarantees stable
+    across versions), never from global random state.
+
+Per-sample transform: a pure function of (seed, key, epoch), never of order, slot or worker
+    decode with `UKBSample.from_wds`; select `frames` of the stored T at round(linspace(0, T - 1, frames))
+    (ViTa: 5 of 50), optionally shifted cyclically by a random offset below one frame spacing (cine is one
+    cardiac cycle; off by default); augment (ViTa Sec. 4.1: rotation, flipping, contrast): horizontal flip per
+    plane with p = 0.5, rotation by one angle per plane in +-rotation_deg (the same for all frames of the
+    plane; planes are different views), bilinear with zero padding (`grid_sample`), and contrast as a gamma in
+    [1 - c, 1 + c] per sample; values stay in [0, 1]. All random parameters are always drawn (for every stored
+    plane, in a fixed order), so switching one augmentation off does not change the others.
+    Output per sample: image float32 (P, frames, H, W) in [0, 1]; key; epoch (of the slot stream that read it);
+    tabular (raw, NaN = missing); tabular_values / tabular_missing (`normalise_tabular` with the manifest's
+    current training statistics, when the manifest has them); diseases (int8, -1 unknown); phenotypes (NaN
+    unavailable); seg (uint8, same frames / flips / rotations, nearest) and seg_valid when `cfg.seg`.
+
+State and resume
+    A rank's DataLoader over the IterableDataset interleaves its K workers strictly round-robin, one sample each
+    (batch_size=None in the DataLoader; batches are stacked in the training process), which PyTorch guarantees
+    while every worker yields forever. So the rank's state is one number, consumed = n samples handed out in
+    batches; worker k has then yielded n // K + (k < n % K) samples, derived, never stored. A new iterator
+    rotates the worker roles so that its worker 0 plays slot n % K, whose sample is the next in the
+    interleaving. All ranks step in lockstep with one batch size, so n is the same on every rank.
+
+    state_dict() = {"consumed": n, "world_size": W, "workers": K, "seed": seed, "samples_per_epoch": N}
+
+    load_state_dict, same W, same max(K, 1), same dataset (samples_per_epoch): exact. Each slot finds its
+    (epoch, offset) from its position, skips WHOLE shards by their manifest sample counts without opening them,
+    replays the shuffle buffer on sample ordinals to learn which ordinals are buffered and how many were read,
+    reads from the first shard holding a buffered ordinal, keeping the buffered samples raw (nothing decoded)
+    and discarding the rest, and continues. The run then sees exactly the samples (and augmentations) it would
+    have seen without the interruption, none twice, none skipped -- whatever the batch size after resuming.
+    Cost: at most the slot's current epoch is re-read (less when the buffer is small against it).
+
+    load_state_dict, different W or K (or a grown dataset): approximate, by global sample count. The global
+    count C = state["consumed_global"] when given, else consumed * W; every rank continues at consumed =
+    C // W', so each new slot starts ~C / R' samples into its own stream -- the same epoch and about the same
+    offset in it. Around the boundary up to about (R + R') shards' worth of samples (plus the buffered ones)
+    of the current epoch are seen twice or not at all; later epochs are exact passes again. Flagged:
+    load_state_dict returns False, `resume_exact` is False and a warning is logged. A grown dataset keeps the
+    slot positions by count (its permutations differ, so the current epoch's coverage is approximate).
+    A different seed is refused (ValueError).
+
+Public API
+    build_loader(dataset_dir, cfg, *, rank, world_size, batch_size, seed, split="train", planes=None, frames=None)
+        -> ResumableLoader (iterable of batches: dict of stacked tensors, "key" a list of str)
+    samples_per_epoch(dataset_dir, split="train") -> int
+    plus the pieces, for tests and other loaders: list_shards, epoch_shards, locate, slot_positions,
+    slot_stream, ShuffleBuffer, SampleTransform, select_frames, augment_params, augment_image, collate.
+
+Imports from data_prep only `data_prep.format` (no ray): this module runs on the GPU machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.format import LA_VIEWS, UKBSample, encode_array, normalise_tabular, plane_names
+from pretrain.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+STATE_KEYS = ("consumed", "world_size", "workers", "seed", "samples_per_epoch")
+# domain tags of the seeds: shard permutation, shuffle buffer, per-sample augmentation
+_TAG_PERM, _TAG_BUFFER, _TAG_AUG = 0x5EED_0001, 0x5EED_0002, 0x5EED_0003
+_NOTHING = object()
+
+
+# --- random numbers: PCG64 raw output (stable across NumPy versions), no global state ---------------------------
+class _Rand:
+    """A stream of uint64 from PCG64(SeedSequence(words)); `below(n)` and `uniform` built on it."""
+
+    _BLOCK = 256
+
+    def __init__(self, *words: int):
+        self._bg = np.random.PCG64(np.random.SeedSequence([int(w) % 2**64 for w in words]))
+        self._buf: list[int] = []
+        self._i = 0
+
+    def raw(self) -> int:
+        if self._i == len(self._buf):
+            self._buf, self._i = self._bg.random_raw(self._BLOCK).tolist(), 0
+        self._i += 1
+        return self._buf[self._i - 1]
+
+    def below(self, n: int) -> int:
+        """Uniform in [0, n) (multiply-shift; the bias, < n / 2**64, is immaterial)."""
+        return (self.raw() * n) >> 64
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * ((self.raw() >> 11) * 2.0**-53)
+
+
+def _key_word(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path (anything webdataset's gopen opens)
+    samples: int
+    block: int
+
+
+def read_manifest(dataset_dir: PathLike) -> dict:
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; is {dataset_dir} a converted dataset directory?")
+    return json.loads(path.read_text())
+
+
+def list_shards(dataset_dir: PathLike, split: str = "train", manifest: Optional[dict] = None) -> list[Shard]:
+    """The split's shards from the manifest, sorted by block id."""
+    m = read_manifest(dataset_dir) if manifest is None else manifest
+    rows = sorted((s for s in m.get("shards", []) if s["split"] == split), key=lambda s: (s["block"], s["path"]))
+    return [Shard(str(Path(dataset_dir) / s["path"]), int(s["samples"]), int(s["block"])) for s in rows]
+
+
+def samples_per_epoch(dataset_dir: PathLike, split: str = "train") -> int:
+    """Samples of the split in the manifest's shards (one pass over the data)."""
+    return sum(s.samples for s in list_shards(dataset_dir, split))
+
+
+def tabular_stats(manifest: dict) -> Optional[dict]:
+    """The manifest's current training statistics of the tabular features, or None."""
+    tab = manifest.get("tabular") or {}
+    version = tab.get("current_stats")
+    return (tab.get("stats") or {}).get(version) if version is not None else None
+
+
+# --- which shards a slot reads, and where a position lies ------------------------------------------------------
+def epoch_shards(n_shards: int, slot: int, slots: int, seed: int, epoch: int) -> list[int]:
+    """Indices (into the sorted shard list) that `slot` reads in `epoch`, in order."""
+    if n_shards < 1:
+        raise ValueError("no shards")
+    perm = list(range(n_shards))
+    rand = _Rand(_TAG_PERM, seed, epoch)
+    for i in range(n_shards - 1, 0, -1):  # Fisher-Yates
+        j = rand.below(i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    if n_shards < slots:  # fallback: cycle the permutation, one shard per slot
+        return [perm[slot % n_shards]]
+    return perm[slot::slots]
+
+
+def locate(shards: Sequence[Shard], slot: int, slots: int, seed: int, position: int) -> tuple[int, int]:
+    """(epoch, offset in the slot's epoch) of the slot stream's `position`-th sample."""
+    epoch = 0
+    while True:
+        length = sum(shards[i].samples for i in epoch_shards(len(shards), slot, slots, seed, epoch))
+        if length <= 0:
+            raise ValueError(f"slot {slot} has no samples in epoch {epoch}")
+        if position < length:
+            return epoch, position
+        position -= length
+        epoch += 1
+
+
+def slot_positions(consumed: int, workers: int) -> list[int]:
+    """Samples each of a rank's max(K, 1) worker slots has yielded when the rank consumed `consumed`."""
+    k = max(workers, 1)
+    return [consumed // k + (w < consumed % k) for w in range(k)]
+
+
+# --- the shuffle buffer ---------------------------------------------------------------------------------------
+class ShuffleBuffer:
+    """Fill to `size`, then each push replaces (and returns) a uniformly chosen item; `pop` drains randomly.
+
+    Its state after any sequence of pushes and pops is a pure function of that sequence and the seed, so it can
+    be replayed on ordinals instead of samples (`items` may be rewritten in place).
+    """
+
+    def __init__(self, size: int, rand: _Rand):
+        self.size = max(1, int(size))
+        self.items: list[Any] = []
+        self.rand = rand
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, item):
+        if len(self.items) < self.size:
+            self.items.append(item)
+            return _NOTHING
+        j = self.rand.below(len(self.items))
+        out, self.items[j] = self.items[j], item
+        return out
+
+    def pop(self):
+        j = self.rand.below(len(self.items))
+        self.items[j], self.items[-1] = self.items[-1], self.items[j]
+        return self.items.pop()
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+def _read_shard(url: str) -> Iterator[dict]:
+    """Raw samples of one tar shard ({"__key__", "image.arr": bytes, ...}); nothing is decoded."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": url}])
+
+
+def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: int, slot: int, buffer: int,
+                  offset: int, drop: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """The slot's epoch `epoch` from its `offset`-th sample: (epoch, raw sample) after the shuffle buffer."""
+    counts = [shards[i].samples for i in order]
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    total = starts[-1]
+    buf = ShuffleBuffer(buffer, _Rand(_TAG_BUFFER, seed, epoch, slot))
+    read = yielded = 0
+    while yielded < offset:  # replay on ordinals: which are buffered, how many were read
+        if read < total:
+            if buf.push(read) is not _NOTHING:
+                yielded += 1
+            read += 1
+        else:
+            buf.pop()
+            yielded += 1
+    where = {o: k for k, o in enumerate(buf.items)}  # buffered ordinal -> buffer index
+    first = min([read, *where])
+
+    def strip(raw: dict) -> dict:
+        for name in drop:
+            raw.pop(name, None)
+        raw.pop("__url__", None)
+        raw.pop("__local_path__", None)
+        return raw
+
+    for j, i in enumerate(order):
+        if starts[j + 1] <= first:
+            continue  # skipped whole, never opened
+        n = 0
+        for raw in _read_shard(shards[i].url):
+            o = starts[j] + n
+            n += 1
+            if o < read:  # consumed before the interruption, or waiting in the buffer
+                if o in where:
+                    buf.items[where[o]] = (epoch, strip(raw))
+                continue
+            out = buf.push((epoch, strip(raw)))
+            if out is not _NOTHING:
+                yield out
+        if n != counts[j]:
+            raise RuntimeError(f"{shards[i].url}: {n} samples, the manifest says {counts[j]}")
+    while len(buf):
+        yield buf.pop()
+
+
+def slot_stream(shards: Sequence[Shard], slot: int, slots: int, seed: int, shuffle_buffer: int, start: int = 0,
+                drop: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """The infinite stream of slot `slot` of `slots`, from its `start`-th sample: (epoch, raw sample)."""
+    epoch, offset = locate(shards, slot, slots, seed, start)
+    while True:
+        order = epoch_shards(len(shards), slot, slots, seed, epoch)
+        yield from _epoch_stream(shards, order, seed, epoch, slot, shuffle_buffer, offset, drop)
+        epoch, offset = epoch + 1, 0
+
+
+# --- the per-sample transform ----------------------------------------------------------------------------------
+def select_frames(stored: int, frames: int, offset: int = 0) -> np.ndarray:
+    """round(linspace(0, T - 1, frames)), shifted cyclically by `offset`."""
+    if not 1 <= frames <= stored:
+        raise ValueError(f"cannot select {frames} frames of {stored}")
+    base = np.rint(np.linspace(0, stored - 1, frames)).astype(np.int64)
+    return (base + offset) % stored
+
+
+def augment_params(seed: int, key: str, epoch: int, planes: int, stored_frames: int, cfg: DataConfig) -> dict:
+    """The random parameters of one sample: a pure function of (seed, key, epoch) and the config.
+
+    Drawn always and in a fixed order (offset, gamma, then angle and flip of each stored plane), so switching an
+    augmentation off leaves the others unchanged.
+    """
+    rand = _Rand(_TAG_AUG, seed, epoch, _key_word(key))
+    offset = rand.below(max(1, stored_frames // cfg.frames))
+    gamma = rand.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast)
+    angles, flips = [], []
+    for _ in range(planes):
+        angles.append(rand.uniform(-cfg.rotation_deg, cfg.rotation_deg))
+        flips.append(rand.below(2) == 1)
+    return {"offset": offset if cfg.temporal_offset else 0,
+            "gamma": gamma if cfg.contrast > 0 else 1.0,
+            "angles": angles if cfg.rotation_deg > 0 else [0.0] * planes,
+            "flips": flips if cfg.flip else [False] * planes}
+
+
+def augment_image(image: torch.Tensor, angles: Sequence[float], flips: Sequence[bool], gamma: float = 1.0,
+                  seg: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """image (P, T, H, W) float in [0, 1]: flip plane p horizontally if flips[p], rotate it by angles[p] degrees
+    (bilinear, zero padding; seg nearest), then x ** gamma. Returns (image in [0, 1], seg)."""
+    P, T, H, W = image.shape
+    flips = torch.as_tensor(list(flips), dtype=torch.bool)
+    if flips.any():
+        image = torch.where(flips[:, None, None, None], image.flip(-1), image)
+        if seg is not None:
+            seg = torch.where(flips[:, None, None, None], seg.flip(-1), seg)
+    if any(a != 0.0 for a in angles):
+        rad = torch.tensor([math.radians(a) for a in angles], dtype=torch.float32)
+        c, s = torch.cos(rad), torch.sin(rad)
+        z = torch.zeros_like(c)
+        # rotation in pixel units, written in normalised coordinates (corrects for H != W)
+        theta = torch.stack([torch.stack([c, -s * H / W, z], -1), torch.stack([s * W / H, c, z], -1)], 1)
+        grid = F.affine_grid(theta, [P, T, H, W], align_corners=False)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if seg is not None:
+            seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros",
+                                align_corners=False).to(seg.dtype)
+    image = image.clamp(0.0, 1.0)
+    if gamma != 1.0:
+        image = image.pow(gamma)
+    return image, seg
+
+
+# seg is dropped before buffering when not asked for; from_wds still needs the field
+_NO_SEG = encode_array(np.zeros((1,), np.uint8))  # Blosc cannot decode an empty payload
+
+
+class SampleTransform:
+    """raw WebDataset sample + epoch -> the training sample dict (see the module docstring). Picklable."""
+
+    def __init__(self, cfg: DataConfig, seed: int, stats: Optional[dict] = None,
+                 planes: Optional[Sequence[Union[int, str]]] = None, frames: Optional[int] = None):
+        self.cfg, self.seed, self.stats = cfg, int(seed), stats
+        self.planes = None if planes is None else list(planes)
+        self.frames = int(frames if frames is not None else cfg.frames)
+        self._cfg = cfg if cfg.frames == self.frames else replace(cfg, frames=self.frames)
+
+    def _plane_index(self, P: int) -> Optional[list[int]]:
+        if self.planes is None:
+            return None
+        names = plane_names(P - len(LA_VIEWS)) if P > len(LA_VIEWS) else ()
+        out = []
+        for p in self.planes:
+            if isinstance(p, str):
+                if p not in names:
+                    raise ValueError(f"no plane {p!r} in {names}")
+                out.append(names.index(p))
+            else:
+                if not -P <= int(p) < P:
+                    raise ValueError(f"plane {p} out of range for {P} planes")
+                out.append(int(p) % P)
+        return out
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        if "seg.arr" not in raw:
+            raw = {**raw, "seg.arr": _NO_SEG}
+        s = UKBSample.from_wds(raw)
+        P, T = s.image.shape[:2]
+        prm = augment_params(self.seed, s.key, epoch, P, T, self._cfg)
+        idx = select_frames(T, self.frames, prm["offset"])
+        sel = self._plane_index(P)
+        pidx = list(range(P)) if sel is None else sel
+        image = torch.from_numpy(np.ascontiguousarray(s.image[pidx][:, idx], dtype=np.float32))
+        seg = None
+        if self.cfg.seg:
+            seg = torch.from_numpy(np.ascontiguousarray(s.seg[pidx][:, idx], dtype=np.uint8))
+        image, seg = augment_image(image, [prm["angles"][p] for p in pidx], [prm["flips"][p] for p in pidx],
+                                   prm["gamma"], seg)
+        out = {"image": image.contiguous(), "key": s.key, "epoch": int(epoch),
+               "tabular": torch.from_numpy(np.asarray(s.tabular, np.float32).copy()),
+               "diseases": torch.from_numpy(np.asarray(s.diseases, np.int8).copy()),
+               "phenotypes": torch.from_numpy(np.asarray(s.phenotypes, np.float32).copy())}
+        if self.stats is not None:
+            values, missing = normalise_tabular(s.tabular, self.stats)
+            out["tabular_values"], out["tabular_missing"] = torch.from_numpy(values), torch.from_numpy(missing)
+        if seg is not None:
+            out["seg"] = seg.contiguous()
+            out["seg_valid"] = torch.from_numpy(np.asarray(s.seg_valid, bool)[pidx].copy())
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, numbers -> a tensor, anything else (the keys) -> a list."""
+    out = {}
+    for name in samples[0]:
+        vals = [s[name] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[name] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float, np.integer, np.floating)) and not isinstance(vals[0], bool):
+            out[name] = torch.tensor(vals)
+        else:
+            out[name] = vals
+    return out
+
+
+def _identity(x):
+    return x
+
+
+# --- one rank's dataset and loader ----------------------------------------------------------------------------
+class RankDataset(IterableDataset):
+    """The samples of one rank: in a DataLoader worker k, slot rank * K + (k + consumed) % K from its position."""
+
+    def __init__(self, shards: Sequence[Shard], transform: SampleTransform, *, rank: int, world_size: int,
+                 workers: int, seed: int, shuffle_buffer: int, consumed: int = 0, drop: tuple[str, ...] = ()):
+        super().__init__()
+        self.shards, self.transform = list(shards), transform
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.seed, self.shuffle_buffer, self.consumed, self.drop = seed, shuffle_buffer, consumed, drop
+
+    def __iter__(self):
+        k = max(self.workers, 1)
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        if info is not None and info.num_workers != k:
+            raise RuntimeError(f"built for {k} workers, running in {info.num_workers}")
+        local = (wid + self.consumed) % k  # worker 0 of a new iterator plays the slot whose sample is next
+        slot = self.rank * k + local
+        start = slot_positions(self.consumed, self.workers)[local]
+        for epoch, raw in slot_stream(self.shards, slot, self.world_size * k, self.seed, self.shuffle_buffer,
+                                      start, self.drop):
+            yield self.transform(raw, epoch)
+
+
+class ResumableLoader:
+    """Batches of one rank, infinite; `state_dict` / `load_state_dict` resume exactly (see the module docstring).
+
+    Each `iter()` starts a fresh DataLoader (non-persistent workers) at the current position; an iterator made
+    before a `load_state_dict` or a newer `iter()` stops being valid.
+    """
+
+    def __init__(self, dataset: RankDataset, *, batch_size: int, samples_per_epoch: int, pin_memory: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.pin_memory = pin_memory
+        self.rank, self.world_size, self.workers = dataset.rank, dataset.world_size, dataset.workers
+        self.seed = dataset.seed
+        self.resume_exact = True
+        self._consumed = 0
+        self._generation = 0
+
+    @property
+    def consumed(self) -> int:
+        """Samples this rank has handed out in batches, since the start of the run."""
+        return self._consumed
+
+    @property
+    def epoch(self) -> float:
+        """Global passes over the data so far (all ranks), as a fraction."""
+        return self._consumed * self.world_size / max(self.samples_per_epoch, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        self._generation += 1
+        return self._batches(self._generation)
+
+    def _batches(self, generation: int) -> Iterator[dict]:
+        ds = RankDataset(self.dataset.shards, self.dataset.transform, rank=self.rank, world_size=self.world_size,
+                         workers=self.workers, seed=self.seed, shuffle_buffer=self.dataset.shuffle_buffer,
+                         consumed=self._consumed, drop=self.dataset.drop)
+        kw: dict[str, Any] = dict(batch_size=None, collate_fn=_identity, num_workers=self.workers,
+                                  persistent_workers=False, in_order=True)
+        if self.workers > 0:
+            kw["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.workers))  # ~2 batches in flight
+        it = iter(DataLoader(ds, **kw))
+        try:
+            while True:
+                if generation != self._generation:
+                    raise RuntimeError("this loader iterator is stale: the loader was re-iterated or its state loaded")
+                batch = collate([next(it) for _ in range(self.batch_size)])
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                self._consumed += self.batch_size
+                yield batch
+        finally:
+            del it  # shuts the workers down
+
+    def state_dict(self) -> dict:
+        return {"consumed": self._consumed, "world_size": self.world_size, "workers": self.workers,
+                "seed": self.seed, "samples_per_epoch": self.samples_per_epoch}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue where `state` left off; True if exactly, False if approximately (see the module docstring).
+
+        An optional "consumed_global" (samples consumed by all ranks together) is used for an approximate
+        resume instead of consumed * world_size.
+        """
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"loader state lacks {missing}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this loader {self.seed}: resuming with another "
+                             f"seed would change every permutation and augmentation")
+        n, W, K = int(state["consumed"]), int(state["world_size"]), int(state["workers"])
+        same_layout = W == self.world_size and max(K, 1) == max(self.workers, 1)
+        same_data = int(state["samples_per_epoch"]) == self.samples_per_epoch
+        self._generation += 1
+        if same_layout and same_data:
+            self._consumed, self.resume_exact = n, True
+            return True
+        total = int(state.get("consumed_global", n * W))
+        self._consumed, self.resume_exact = total // self.world_size, False
+        why = (f"world size {W} -> {self.world_size}, workers {K} -> {self.workers}" if not same_layout else
+               f"the dataset changed ({state['samples_per_epoch']} -> {self.samples_per_epoch} samples per epoch)")
+        log.warning("approximate loader resume (%s): continuing at global sample %d (%d per rank); samples near "
+                    "the boundary may repeat or be skipped once", why, total, self._consumed)
+        return False
+
+
+def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
+                 seed: int, split: str = "train", planes: Optional[Sequence[Union[int, str]]] = None,
+                 frames: Optional[int] = None) -> ResumableLoader:
+    """The loader of one rank. `dataset_dir` None: `cfg.dataset`. `planes`: plane indices or names
+    (`plane_names`) to keep, in that order; `frames` overrides `cfg.frames` (pass the model's)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}")
+    if dataset_dir is None:
+        dataset_dir = cfg.dataset
+    manifest = read_manifest(dataset_dir)
+    shards = list_shards(dataset_dir, split, manifest)
+    if not shards:
+        raise ValueError(f"{dataset_dir}: no {split!r} shards in the manifest")
+    slots = world_size * max(cfg.workers, 1)
+    if len(shards) < slots:
+        warnings.warn(f"{len(shards)} {split} shards for {slots} loader slots: slots share shards, so every epoch "
+                      f"repeats each sample about {slots / len(shards):.1f} times (use fewer workers or ranks, or "
+                      f"smaller blocks)", stacklevel=2)
+    transform = SampleTransform(cfg, seed, tabular_stats(manifest), planes, frames)
+    drop = () if cfg.seg else ("seg.arr",)
+    ds = RankDataset(shards, transform, rank=rank, world_size=world_size, workers=cfg.workers, seed=int(seed),
+                     shuffle_buffer=cfg.shuffle_buffer, drop=drop)
+    return ResumableLoader(ds, batch_size=batch_size, samples_per_epoch=sum(s.samples for s in shards),
+                           pin_memory=torch.cuda.is_available())

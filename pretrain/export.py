@@ -1,0 +1,71 @@
+"""Export the trained encoder: one `encoder.safetensors` consolidated from the ZeRO shards + its model config.
+
+    python -m pretrain export --run runs/vita_stage1 [--out DIR]
+
+This is what finetune loads and what a user shares; it needs neither DeepSpeed nor the optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_prep.config import config_to_dict, load_config
+from data_prep.fsutil import atomic_path, atomic_write_text
+from pretrain import checkpoint
+from pretrain.config import PretrainConfig
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from a (sharded) DeepSpeed checkpoint, on CPU."""
+    tag_dir = Path(ckpt_dir) / tag
+    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: partitions to merge
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # ZeRO stage 0: the full module is in the model-states file
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    out = Path(out or run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to export")
+    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
+    state = consolidated_state_dict(ckpt_dir, tag)
+    encoder = {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"{ckpt_dir / tag}: no encoder.* weights in the checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "checkpoint": tag}
+    with atomic_path(out / "encoder.safetensors") as tmp:
+        save_file(encoder, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    atomic_write_text(out / "encoder_config.yaml", yaml.safe_dump(
+        {"model": config_to_dict(cfg.model), **meta}, sort_keys=False))
+    return out / "encoder.safetensors"
+
+
+def load_encoder(path: str | Path):
+    """An exported encoder (file or run directory) as a ready ViTEncoder in eval mode."""
+    from safetensors.torch import load_file
+
+    from pretrain.config import ViTConfig
+    from pretrain.models.vit import ViTEncoder
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    meta = yaml.safe_load((path.parent / "encoder_config.yaml").read_text())
+    vit = load_config(ViTConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["model"].items()])
+    enc = ViTEncoder(vit)
+    enc.load_state_dict(load_file(str(path)))
+    return enc.eval(), vit

@@ -1,0 +1,196 @@
+"""The pretraining loop (ViTa Stage I), DeepSpeed ZeRO 0-3, one file that reads top to bottom.
+
+    torchrun --nproc_per_node 2 -m pretrain train --config configs/pretrain/vita_stage1_tiny.yaml
+    deepspeed --num_gpus 8 --module pretrain train --config configs/pretrain/vita_stage1.yaml
+    srun python -m pretrain train --config ...        (SLURM, one task per GPU)
+    python -m pretrain train --config ...             (one process)
+
+Everything that decides what the run computes is saved in the checkpoint and restored together: model,
+optimizer and scheduler (DeepSpeed), step and samples seen, every rank's loader position, RNG states, the
+resolved config. Masking noise comes from a generator seeded by (seed, step, micro-step, rank), so a resumed run
+repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.config import dump_config, save_resolved_config
+from pretrain import checkpoint
+from pretrain.config import PretrainConfig
+from pretrain.dist import init_distributed
+from pretrain.models.vit import MaskedAutoencoder, flops_per_sample, num_tokens, sdpa_backend_report
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
+
+
+def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config: ZeRO tuning from configs/deepspeed/zero<N>.json, everything else from `cfg`."""
+    t = cfg.train
+    per_step = t.micro_batch * world_size
+    if t.global_batch % per_step:
+        raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x world size "
+                         f"= {t.micro_batch} x {world_size}")
+    path = Path(t.deepspeed_dir) / f"zero{t.zero_stage}.json"
+    ds = json.loads(path.read_text())
+    ds["zero_optimization"]["stage"] = t.zero_stage
+    ds.update({"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": t.micro_batch,
+               "gradient_accumulation_steps": t.global_batch // per_step, "gradient_clipping": cfg.optim.grad_clip,
+               "bf16": {"enabled": t.precision == "bf16"}, "steps_per_print": 10**9, "wall_clock_breakdown": False})
+    return ds
+
+
+def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
+    """Linear warm-up over `warmup_epochs`, then cosine to 0 over the rest of the run."""
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    total = cfg.train.epochs * steps_per_epoch
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases, norms: no weight decay (MAE)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM before a timeout or preemption): save at the next step, then stop."""
+
+    def __init__(self):
+        self.received = None
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: PretrainConfig) -> dict:
+    import deepspeed
+
+    from pretrain.data import build_loader
+
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    run_dir = Path(cfg.checkpoint.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    if rank == 0:
+        save_resolved_config(cfg, run_dir, "config.yaml")
+
+    # --- model, optimizer, schedule: identical initial weights on every rank ---
+    torch.manual_seed(cfg.train.seed)
+    model = MaskedAutoencoder(cfg.model, cfg.mae)
+    model.set_grad_checkpointing(cfg.train.activation_checkpointing)
+    loader = build_loader(cfg.data.dataset, cfg.data, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
+                          seed=cfg.train.seed, frames=cfg.model.frames)
+    steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    gas = engine.gradient_accumulation_steps()
+
+    # --- resume ---
+    step, samples = 0, 0
+    state = checkpoint.load(engine, ckpt_dir) if cfg.checkpoint.resume == "auto" else None
+    if state is not None:
+        step, samples = state["step"], state["samples"]
+        loader.load_state_dict(state["mine"]["loader"] if state["mine"] else
+                               {**state["per_rank"][0]["loader"], "consumed_global": samples})
+
+    # --- logging ---
+    writer, metrics = None, None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        metrics = open(run_dir / "metrics.jsonl", "a")
+        backend = sdpa_backend_report(device, dtype, cfg.model.heads, cfg.model.dim // cfg.model.heads)
+        print(f"[pretrain] {env.launcher}: world {world}, device {device}, {cfg.train.precision}, ZeRO-"
+              f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
+              f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
+              + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
+    flops = flops_per_sample(cfg.model, cfg.mae, train=True)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                None)
+    tokens = num_tokens(cfg.model)
+    stop = StopSignal()
+    batches = iter(loader)
+    t_last, wait, n_last = time.perf_counter(), 0.0, 0
+
+    # --- the loop ---
+    while step < total_steps:
+        losses, psnrs = [], []
+        for micro in range(gas):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            images = batch["image"].to(device, dtype, non_blocking=True)
+            gen = torch.Generator().manual_seed(((cfg.train.seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
+            out = engine(images, generator=gen)
+            engine.backward(out["loss"])
+            engine.step()
+            losses.append(out["loss"].detach().float())
+            psnrs.append(out["psnr"].detach().float())
+        step += 1
+        samples += cfg.train.global_batch
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            stats = torch.stack([torch.stack(losses).mean(), torch.stack(psnrs).mean()]).to(device)
+            dist.all_reduce(stats)
+            stats /= world
+            now = time.perf_counter()
+            sps = (samples - n_last) / (now - t_last)
+            row = {"step": step, "samples": samples, "loss": stats[0].item(), "psnr": stats[1].item(),
+                   "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": sps, "tokens_per_s": sps * tokens, "data_wait": wait / (now - t_last),
+                   "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
+                   "mfu": (flops * sps / (peak * world)) if peak else None}
+            t_last, wait, n_last = now, 0.0, samples
+            if rank == 0:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                for k, v in row.items():
+                    if v is not None and k != "step":
+                        writer.add_scalar(f"train/{k}", v, step)
+                print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} psnr {row['psnr']:.2f} dB "
+                      f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
+                      + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
+        signalled = stop.any_rank()
+        if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:
+            checkpoint.save(engine, ckpt_dir, step, {"samples": samples, "config": dump_config(cfg)},
+                            {"loader": loader.state_dict()}, cfg.checkpoint.keep)
+        if signalled:
+            if rank == 0:
+                print(f"[pretrain] {stop.received or 'signal'}: checkpoint saved at step {step}, stopping", flush=True)
+            break
+    if rank == 0:
+        writer.close()
+        metrics.close()
+    dist.barrier()
+    return {"step": step, "samples": samples, "stopped": stop.received}
