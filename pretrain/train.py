@@ -81,8 +81,8 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -181,7 +181,7 @@ def train(cfg: PretrainConfig) -> dict:
                 print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} psnr {row['psnr']:.2f} dB "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
-        signalled = stop.any_rank()
+        signalled = stop.any_rank(device)
         if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:
             checkpoint.save(engine, ckpt_dir, step, {"samples": samples, "config": dump_config(cfg)},
                             {"loader": loader.state_dict()}, cfg.checkpoint.keep)

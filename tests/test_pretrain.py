@@ -131,3 +131,10 @@ def test_zero3_and_encoder_export(shards, tmp_path):
     enc, vit = load_encoder(run)
     x = torch.rand(1, vit.sa_planes + vit.la_planes, vit.frames, vit.img_size, vit.img_size)
     assert enc.forward_features(x).shape[-1] == vit.dim
+
+
+def test_bf16_path_runs(shards, tmp_path):
+    out = _run(tmp_path / "run", shards, "train.epochs=1", "train.samples_per_epoch=16", "train.precision=bf16")
+    assert "bf16" in out
+    m = _metrics(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())

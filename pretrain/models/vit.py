@@ -258,7 +258,8 @@ class ViTEncoder(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, P, T, H, W) -> (B, L, dim) tokens with positions added."""
-        return self.patch_embed(x) + self.pos_embed
+        x = self.patch_embed(x)
+        return x + self.pos_embed.to(x.dtype)  # the buffer stays fp32 when an engine casts only parameters
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, generator: Optional[torch.Generator] = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,7 +311,7 @@ class MAEDecoder(nn.Module):
         B, Lv, C = x.shape
         L = ids_restore.shape[1]
         x = torch.cat([x, self.mask_token.to(x.dtype).expand(B, L - Lv, C)], dim=1)
-        x = x.gather(1, ids_restore[..., None].expand(-1, -1, C)) + self.pos_embed
+        x = x.gather(1, ids_restore[..., None].expand(-1, -1, C)) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             x = _run_block(self, blk, x)
         return self.head(self.norm(x))  # (B, L, pt*ph*pw)

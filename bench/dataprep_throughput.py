@@ -1,7 +1,7 @@
 """Data-prep throughput and footprint: subjects/s with 1 and 2 Ray workers (parallel efficiency), and bytes per
 subject in each format (WebDataset shards, Zarr store) against the source NIfTI.
 
-    python bench/data_prep.py [--subjects 16] [--workers 1 2] [--cohort DIR] [--out bench/results/data_prep.json]
+    python bench/dataprep_throughput.py [--subjects 16] [--workers 1 2] [--cohort DIR] [--out bench/results/data_prep.json]
 
 Each conversion runs as its own `python -m data_prep ukb` process into a fresh directory; the rate is taken from
 the manifest's `seconds_convert` (Ray start-up excluded, reported separately). Both runs convert the same
