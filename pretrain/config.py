@@ -121,6 +121,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
+    image_every: int = 500  # reconstruction grids in TensorBoard every this many steps; 0: never
     deepspeed_dir: Path = Path("configs/deepspeed")  # zero<stage>.json: ZeRO tuning; batch/precision come from here
 
 

@@ -70,6 +70,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def reconstruction_grid(model: MaskedAutoencoder, images: torch.Tensor, out: dict) -> torch.Tensor:
+    """(3, rows, cols) image for TensorBoard: per plane (rows) the input, the masked input and the
+    reconstruction (columns) of the first sample's middle frame."""
+    with torch.no_grad():
+        x = images[:1].float()
+        recon = model.reconstruct(x, out["pred"][:1], out["mask"][:1])
+        mask_img = model.encoder.unpatchify(out["mask"][:1, :, None].float().expand(-1, -1, out["pred"].shape[-1]))
+        visible = x * (1 - mask_img)
+        t = x.shape[2] // 2
+        rows = [torch.cat([x[0, p, t], visible[0, p, t], recon[0, p, t]], dim=1) for p in range(x.shape[1])]
+        grid = torch.cat(rows, dim=0).clamp(0, 1).cpu()
+    return grid[None].expand(3, -1, -1)
+
+
 class StopSignal:
     """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM before a timeout or preemption): save at the next step, then stop."""
 
@@ -160,6 +174,9 @@ def train(cfg: PretrainConfig) -> dict:
             psnrs.append(out["psnr"].detach().float())
         step += 1
         samples += cfg.train.global_batch
+        if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
+            writer.add_image("reconstruction (input | masked | MAE)", reconstruction_grid(engine.module, images, out),
+                             step)
         if step % cfg.train.log_every == 0 or step == total_steps:
             stats = torch.stack([torch.stack(losses).mean(), torch.stack(psnrs).mean()]).to(device)
             dist.all_reduce(stats)

@@ -70,13 +70,19 @@ STEPS = ["train.epochs=12", "train.samples_per_epoch=16", "checkpoint.every_step
 
 
 def test_loss_falls_with_zero2_on_two_cpu_ranks(shards, tmp_path):
-    out = _run(tmp_path / "run", shards, *STEPS, "train.zero_stage=2")
+    out = _run(tmp_path / "run", shards, *STEPS, "train.zero_stage=2", "train.image_every=4")
     m = _metrics(tmp_path / "run")
     steps = sorted(m)
     assert steps[-1] == 12 * 16 // 8
     first, last = m[steps[0]]["loss"], min(m[s]["loss"] for s in steps[-4:])
     assert last < 0.7 * first, (first, last)
     assert "world 2" in out and "ZeRO-2" in out and "attention:" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/psnr", "train/samples_per_s",
+            "train/data_wait"} <= set(ev.Tags()["scalars"])
+    assert len(ev.Images(ev.Tags()["images"][0])) == 24 // 4  # reconstruction grids every 4 steps
 
 
 def test_exact_resume_after_sigkill(shards, tmp_path):
@@ -138,3 +144,27 @@ def test_bf16_path_runs(shards, tmp_path):
     assert "bf16" in out
     m = _metrics(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
+
+
+def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp_path):
+    """What SLURM does before a time limit: a signal; the run checkpoints at the next step and stops."""
+    from pretrain.checkpoint import latest_tag
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(TINY), f"checkpoint.dir={run}",
+           f"data.dataset={shards}", "train.epochs=40", "train.samples_per_epoch=16", "checkpoint.every_steps=1000"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    assert "SIGUSR1: checkpoint saved at step" in out and "world 1" in out
+    tag = latest_tag(run / "checkpoints")
+    stopped = int(tag.removeprefix("step"))
+    assert 3 <= stopped < 80
+    out = _run(run, shards, "train.epochs=40", "train.samples_per_epoch=16", "checkpoint.every_steps=1000",
+               "train.log_every=1000", nproc=1)
+    assert f"resumed from {tag} at step {stopped}" in out
