@@ -46,6 +46,28 @@ def _gather(obj: Any) -> list:
     return out
 
 
+def saved_world_size(ckpt_dir: Path, tag: str) -> int:
+    return json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"]
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Collective. Convert a checkpoint to DeepSpeed's universal format (once, by rank 0, into a temp dir that is
+    renamed when complete) so that it loads on another number of ranks; returns the universal tag."""
+    import subprocess
+    import sys
+
+    ckpt_dir = Path(ckpt_dir)
+    utag = f"{tag}_universal"
+    if dist.get_rank() == 0 and not (ckpt_dir / utag).exists():
+        tmp = ckpt_dir / f".{utag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(ckpt_dir / tag), "--output_folder", str(tmp)], check=True, capture_output=True)
+        tmp.rename(ckpt_dir / utag)
+    dist.barrier()
+    return utag
+
+
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
     p = Path(ckpt_dir) / LATEST
     if not p.exists():
@@ -58,7 +80,12 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: 
     """Collective: every rank calls it. `per_rank` (loader position, ...) is gathered into the client state."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
-    client = {**client, "step": step, "per_rank": _gather({**per_rank, "rng": rng_state()})}
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    client = {**client, "step": step, "per_rank": _gather({**per_rank, "rng": rng_state()}),
+              # lets ds_to_universal convert this checkpoint for a resume on another number of ranks
+              UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
@@ -67,17 +94,20 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: 
         complete = sorted(p.parent.name for p in ckpt_dir.glob(f"*/{COMPLETE}"))
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
     dist.barrier()
     return tag
 
 
-def load(engine, ckpt_dir: Path) -> Optional[dict]:
+def load(engine, ckpt_dir: Path, universal: bool = False) -> Optional[dict]:
     """Resume from the latest complete checkpoint; returns the client state (with this rank's entry as
-    `mine`, or None if the world size changed), or None when there is nothing to resume from."""
+    `mine`, or None if the world size changed), or None when there is nothing to resume from. `universal`:
+    the engine was built with `checkpoint.load_universal` (world size changed): load the converted copy."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+    load_tag = to_universal(ckpt_dir, tag) if universal else tag
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     per_rank = client["per_rank"]
     client["mine"] = per_rank[dist.get_rank()] if len(per_rank) == dist.get_world_size() else None

@@ -126,13 +126,18 @@ def train(cfg: PretrainConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    ds_config = deepspeed_config(cfg, world)
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume == "auto" else None
+    universal = tag is not None and checkpoint.saved_world_size(ckpt_dir, tag) != world
+    if universal:  # another number of ranks than the checkpoint's: load its universal conversion
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
+                                           config=ds_config)
     gas = engine.gradient_accumulation_steps()
 
     # --- resume ---
     step, samples = 0, 0
-    state = checkpoint.load(engine, ckpt_dir) if cfg.checkpoint.resume == "auto" else None
+    state = checkpoint.load(engine, ckpt_dir, universal) if tag is not None else None
     if state is not None:
         step, samples = state["step"], state["samples"]
         loader.load_state_dict(state["mine"]["loader"] if state["mine"] else

@@ -168,3 +168,18 @@ def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp
     out = _run(run, shards, "train.epochs=40", "train.samples_per_epoch=16", "checkpoint.every_steps=1000",
                "train.log_every=1000", nproc=1)
     assert f"resumed from {tag} at step {stopped}" in out
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
+    """Through DeepSpeed's universal checkpoint conversion; the data stream continues by global sample count."""
+    run = tmp_path / "run"
+    _run(run, shards, "train.epochs=2", "train.samples_per_epoch=16", nproc=before)
+    first = _metrics(run)
+    out = _run(run, shards, "train.epochs=4", "train.samples_per_epoch=16", nproc=after)
+    assert f"world {after}" in out and "resumed from step00000004 at step 4" in out
+    assert (run / "checkpoints" / "step00000004_universal").is_dir()
+    resumed = _metrics(run)
+    # the weights came back: training continues from the trained loss, not from a fresh model's
+    assert resumed[5]["loss"] < 0.9 * first[1]["loss"] and resumed[5]["loss"] < 1.1 * first[4]["loss"]
+    assert resumed[8]["samples"] == 8 * 8
