@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from data_prep.config import add_config_arguments, add_show_config_command, cli_parser, config_from_args, run_cli
@@ -35,6 +36,8 @@ def _export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("python -m pretrain", __doc__, EPILOG)
+    # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment is what we use
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t = sub.add_parser("train", help="train (Stage I MAE); resumes from the latest complete checkpoint",
                        description="Train with DeepSpeed ZeRO. Launch with torchrun, the deepspeed launcher, srun, "
                                    "or as one process.")

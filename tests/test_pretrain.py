@@ -43,16 +43,20 @@ def _env() -> dict:
     return env
 
 
-def _launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pretrain", "train", "--config", str(TINY), f"checkpoint.dir={run_dir}",
-           f"data.dataset={shards}", *overrides]
+def _launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2,
+            launcher: str = "torchrun") -> subprocess.Popen:
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    else:  # the deepspeed launcher (it passes --local_rank=N)
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", "--master_port=29577", "--module"]
+    cmd += ["pretrain", "train", "--config", str(TINY), f"checkpoint.dir={run_dir}", f"data.dataset={shards}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
-def _run(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout: int = 600) -> str:
-    p = _launch(run_dir, shards, *overrides, nproc=nproc)
+def _run(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout: int = 600,
+         launcher: str = "torchrun") -> str:
+    p = _launch(run_dir, shards, *overrides, nproc=nproc, launcher=launcher)
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out[-4000:]
     return out
@@ -139,9 +143,10 @@ def test_zero3_and_encoder_export(shards, tmp_path):
     assert enc.forward_features(x).shape[-1] == vit.dim
 
 
-def test_bf16_path_runs(shards, tmp_path):
-    out = _run(tmp_path / "run", shards, "train.epochs=1", "train.samples_per_epoch=16", "train.precision=bf16")
-    assert "bf16" in out
+def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):
+    out = _run(tmp_path / "run", shards, "train.epochs=1", "train.samples_per_epoch=16", "train.precision=bf16",
+               launcher="deepspeed")
+    assert "bf16" in out and "world 2" in out
     m = _metrics(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
 
