@@ -81,6 +81,8 @@ def test_loss_falls_with_zero2_on_two_cpu_ranks(shards, tmp_path):
     first, last = m[steps[0]]["loss"], min(m[s]["loss"] for s in steps[-4:])
     assert last < 0.7 * first, (first, last)
     assert "world 2" in out and "ZeRO-2" in out and "attention:" in out
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*"))
+    assert kept == ["step00000018", "step00000024"]  # checkpoints every 6 steps, the last checkpoint.keep=2 kept
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
