@@ -62,6 +62,32 @@ def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
     return f
 
 
+def build_model(cfg: PretrainConfig, dataset_dir: Path) -> torch.nn.Module:
+    """The stage's model; Stage II starts its image encoder from the Stage I export (`checkpoint.init_from`)."""
+    if cfg.stage == "mae":
+        return MaskedAutoencoder(cfg.model, cfg.mae)
+    if cfg.stage == "tabular_clip":
+        from pretrain.models.clip import ImageTabularCLIP
+
+        manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+        if "stats" not in manifest.get("tabular", {}):
+            raise ValueError(f"{dataset_dir}: no tabular features/statistics (convert with --tabular)")
+        model = ImageTabularCLIP(cfg.model, cfg.tabular, manifest["tabular"]["features"])
+        if cfg.checkpoint.init_from is not None:
+            model.load_encoder(cfg.checkpoint.init_from)
+        return model
+    raise NotImplementedError(f"stage {cfg.stage!r}: its trainer is not built yet (MetaCLIP-CMR needs the k-space "
+                              "loader)")
+
+
+def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    images = batch["image"].to(device, dtype, non_blocking=True)
+    if cfg.stage == "mae":
+        return {"images": images}
+    return {"images": images, "tab_values": batch["tabular_values"].to(device, non_blocking=True),
+            "tab_missing": batch["tabular_missing"].to(device, non_blocking=True)}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -117,7 +143,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     # --- model, optimizer, schedule: identical initial weights on every rank ---
     torch.manual_seed(cfg.train.seed)
-    model = MaskedAutoencoder(cfg.model, cfg.mae)
+    model = build_model(cfg, cfg.data.dataset)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
     loader = build_loader(cfg.data.dataset, cfg.data, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
                           seed=cfg.train.seed, frames=cfg.model.frames)
@@ -155,11 +181,12 @@ def train(cfg: PretrainConfig) -> dict:
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
               f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
-    flops = flops_per_sample(cfg.model, cfg.mae, train=True)
+    flops = flops_per_sample(cfg.model, cfg.mae, train=True) if cfg.stage == "mae" else None  # MFU: Stage I only
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     tokens = num_tokens(cfg.model)
     stop = StopSignal()
+    quality = "psnr" if cfg.stage == "mae" else "acc"  # reconstruction PSNR (dB) / in-batch retrieval accuracy
     batches = iter(loader)
     t_last, wait, n_last = time.perf_counter(), 0.0, 0
 
@@ -170,25 +197,25 @@ def train(cfg: PretrainConfig) -> dict:
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            images = batch["image"].to(device, dtype, non_blocking=True)
+            inputs = model_inputs(cfg, batch, device, dtype)
             gen = torch.Generator().manual_seed(((cfg.train.seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
-            out = engine(images, generator=gen)
+            out = engine(**inputs, generator=gen)
             engine.backward(out["loss"])
             engine.step()
             losses.append(out["loss"].detach().float())
-            psnrs.append(out["psnr"].detach().float())
+            psnrs.append(out[quality].detach().float())
         step += 1
         samples += cfg.train.global_batch
-        if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
-            writer.add_image("reconstruction (input | masked | MAE)", reconstruction_grid(engine.module, images, out),
-                             step)
+        if rank == 0 and cfg.stage == "mae" and cfg.train.image_every and step % cfg.train.image_every == 0:
+            writer.add_image("reconstruction (input | masked | MAE)",
+                             reconstruction_grid(engine.module, inputs["images"], out), step)
         if step % cfg.train.log_every == 0 or step == total_steps:
             stats = torch.stack([torch.stack(losses).mean(), torch.stack(psnrs).mean()]).to(device)
             dist.all_reduce(stats)
             stats /= world
             now = time.perf_counter()
             sps = (samples - n_last) / (now - t_last)
-            row = {"step": step, "samples": samples, "loss": stats[0].item(), "psnr": stats[1].item(),
+            row = {"step": step, "samples": samples, "loss": stats[0].item(), quality: stats[1].item(),
                    "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": sps, "tokens_per_s": sps * tokens, "data_wait": wait / (now - t_last),
                    "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
@@ -200,7 +227,7 @@ def train(cfg: PretrainConfig) -> dict:
                 for k, v in row.items():
                     if v is not None and k != "step":
                         writer.add_scalar(f"train/{k}", v, step)
-                print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} psnr {row['psnr']:.2f} dB "
+                print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} {quality} {row[quality]:.3f} "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
         signalled = stop.any_rank(device)

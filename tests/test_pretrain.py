@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,45 @@ def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
     # the weights came back: training continues from the trained loss, not from a fresh model's
     assert resumed[5]["loss"] < 0.9 * first[1]["loss"] and resumed[5]["loss"] < 1.1 * first[4]["loss"]
     assert resumed[8]["samples"] == 8 * 8
+
+
+STAGE2 = ROOT / "configs/pretrain/vita_stage2_tiny.yaml"
+
+
+def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path):
+    stage1 = tmp_path / "stage1"
+    _run(stage1, shards, "train.epochs=2", "train.samples_per_epoch=16")
+    res = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(stage1)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stage2 = tmp_path / "stage2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
+           "train", "--config", str(STAGE2), f"checkpoint.dir={stage2}", f"data.dataset={shards}",
+           f"checkpoint.init_from={stage1}", "train.global_batch=4", "train.micro_batch=2", "train.epochs=10",
+           "train.samples_per_epoch=16", "train.log_every=4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    m = _metrics(stage2)
+    first, last = m[min(m)]["loss"], m[max(m)]["loss"]
+    assert abs(first - np.log(4)) < 0.15 and last < 0.6 * first, (first, last)  # CLIP over 4 subjects
+    assert m[max(m)]["acc"] > 0.7
+
+
+def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from data_prep.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.export import export_encoder
+    from pretrain.train import build_model
+
+    stage1 = tmp_path / "stage1"
+    _run(stage1, shards, "train.epochs=1", "train.samples_per_epoch=16", nproc=1)
+    export_encoder(stage1)
+    cfg = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", f"checkpoint.init_from={stage1}"])
+    model = build_model(cfg, shards)
+    saved = load_file(str(stage1 / "encoder.safetensors"))
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())
+    bad = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", "checkpoint.init_from=" + str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
+        build_model(bad, shards)

@@ -1,0 +1,59 @@
+"""ViTa Stage II: align the image encoder with the tabular encoder (CLIP, eqs. 3-4).
+
+Both modalities are average-pooled, projected by one linear layer into a shared space (paper: 128-d) and
+contrasted over the global batch (`pretrain.losses.clip_loss` gathers across ranks). The image encoder starts
+from a Stage I export and runs with 50 % of its tokens masked, which (with activation checkpointing) is what
+lets the paper reach a batch of 256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import TabularConfig, ViTConfig
+from pretrain.losses import clip_loss
+from pretrain.models.tabular import ProjectionHead, TabularEncoder
+from pretrain.models.vit import ViTEncoder
+
+
+class ImageTabularCLIP(nn.Module):
+    def __init__(self, vit: ViTConfig, tab: TabularConfig, schema: Sequence[dict]):
+        super().__init__()
+        self.cfg = tab
+        self.encoder = ViTEncoder(vit)  # named like the MAE's, so exports and loaders treat both alike
+        self.tabular = TabularEncoder(schema, tab)
+        self.image_proj = ProjectionHead(vit.dim, tab.projection_dim)
+        self.tabular_proj = ProjectionHead(tab.dim, tab.projection_dim)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.grad_checkpointing = enabled
+        self.tabular.grad_checkpointing = enabled
+
+    def load_encoder(self, path: str | Path) -> None:
+        """Initialise the image encoder from a Stage I `encoder.safetensors` (or a run directory holding it)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "encoder.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no Stage I encoder export (python -m pretrain export --run ...)")
+        missing, unexpected = self.encoder.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: encoder weights do not match the configured model "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    def forward(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor,
+                generator: Optional[torch.Generator] = None) -> dict:
+        latent, _, _ = self.encoder(images, mask_ratio=self.cfg.image_mask_ratio, generator=generator)
+        z_img = self.image_proj(latent.mean(dim=1))
+        z_tab = self.tabular_proj(self.tabular.pooled(tab_values, tab_missing, generator=generator))
+        loss = clip_loss(z_img, z_tab, temperature=self.cfg.temperature, weight=self.cfg.loss_weight)
+        with torch.no_grad():  # local retrieval accuracy: does each image pick its own table row in the batch?
+            sim = nn.functional.normalize(z_img.float(), dim=-1) @ nn.functional.normalize(z_tab.float(), dim=-1).T
+            acc = (sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean()
+        return {"loss": loss, "acc": acc}
