@@ -230,7 +230,8 @@ def train(cfg: PretrainConfig) -> dict:
                 print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} {quality} {row[quality]:.3f} "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
-        signalled = stop.any_rank(device)
+        # every 10 steps (not every step: the all-reduce is a device sync); all ranks decide alike
+        signalled = step % 10 == 0 and stop.any_rank(device)
         if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:
             checkpoint.save(engine, ckpt_dir, step, {"samples": samples, "config": dump_config(cfg)},
                             {"loader": loader.state_dict()}, cfg.checkpoint.keep)
