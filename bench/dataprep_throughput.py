@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_prep.fsutil import dir_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def du(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def main() -> None:
@@ -58,12 +56,12 @@ def main() -> None:
             rows.append({"workers": w, "subjects": n, "seconds_convert": run["seconds_convert"],
                          "seconds_wall": round(wall, 2), "subjects_per_s": n / run["seconds_convert"],
                          "shard_bytes_per_subject": sum(s["bytes"] for s in m["shards"]) / n,
-                         "zarr_bytes_per_subject": du(out / "store.zarr") / n})
+                         "zarr_bytes_per_subject": dir_bytes(out / "store.zarr") / n})
         base = rows[0]["subjects_per_s"] / rows[0]["workers"]
         for r in rows:
             r["parallel_efficiency"] = r["subjects_per_s"] / (base * r["workers"])
         result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "python": platform.python_version(),
-                  "source_nifti_bytes_per_subject": du(src) / n_src, "runs": rows}
+                  "source_nifti_bytes_per_subject": dir_bytes(src) / n_src, "runs": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         mib = 2**20

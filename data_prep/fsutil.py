@@ -103,3 +103,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
                 os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (0 if it does not exist)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0

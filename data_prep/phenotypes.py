@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
+from data_prep.format import PHENOTYPES
+
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
-PHENOTYPES = ("LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF",
-              "LAVmax", "LAVmin", "LASV", "LAEF", "RAVmax", "RAVmin", "RASV", "RAEF")
 
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Literal, Mapping
 
+from data_prep.format import DISEASES
+
 Kind = Literal["numerical", "binary", "categorical"]
 DType = Literal["int", "float", "str", "date"]
 
@@ -432,8 +434,7 @@ ICD10_DISEASES: Mapping[str, frozenset[str]] = MappingProxyType({
         + ["E121", "E123", "E125", "E128", "E129"]
         + [f"E13{d}" for d in range(10)] + [f"E14{d}" for d in range(10)]),
 })
-# Label names, in the order of data_prep.synth.physiology.DISEASES.
-DISEASE_LABELS: tuple[str, ...] = ("cad", "infarct", "hypertension", "high_blood_pressure", "diabetes", "stroke")
+DISEASE_LABELS: tuple[str, ...] = DISEASES  # the one list, in data_prep.format
 ALL_APPENDIX_F_CODES: frozenset[str] = frozenset().union(*ICD10_DISEASES.values())
 
 

@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_prep.format import DISEASES
 from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
 from data_prep.synth.cohort import SynthConfig, generate
-from data_prep.synth.physiology import DISEASES
 
 ROOT = Path(__file__).resolve().parents[1]
 UKB_FILES = {"sa", "la_2ch", "la_3ch", "la_4ch", "seg_sa", "seg_la_2ch", "seg_la_4ch"}

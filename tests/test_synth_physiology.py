@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from data_prep.format import DISEASES
 from data_prep.phenotypes import ventricular_volumes_ml
 from data_prep.synth.heart import HeartModel, plane_labels, volume_curve
-from data_prep.synth.physiology import DISEASES, cohort_eids, sample_subject, subject_rng
+from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng
 
 
 @pytest.fixture(scope="module")

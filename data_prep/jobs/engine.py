@@ -32,7 +32,7 @@ import numpy as np
 
 from data_prep.config import ConfigError, config_to_dict
 from data_prep.format import KEY_BYTES, SCHEMA_VERSION, encode_key, split_of
-from data_prep.fsutil import atomic_path, atomic_write_text
+from data_prep.fsutil import atomic_path, atomic_write_text, dir_bytes
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
@@ -426,11 +426,6 @@ def format_counts(report: RunReport) -> str:
     if report.nothing_to_do:
         line += "\n  nothing to do: every input is already converted (or quarantined with unchanged files)"
     return line
-
-
-def dir_bytes(path: Path) -> int:
-    path = Path(path)
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def format_summary(report: RunReport, out: Path, source_bytes_per_input: Optional[float] = None) -> str:

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from data_prep.format import DISEASES, UKBSample
+from data_prep.format import DISEASES, PHENOTYPES, UKBSample
 from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem
 from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
 from data_prep.sources.ukb_nifti import InputError, read_ukb_dicom_study, read_ukb_nifti_dir
@@ -79,7 +79,7 @@ class UKBDataset:
                 "seg_valid": ArraySpec((P,), "bool", (P,), False),
                 "tabular": ArraySpec((self.n_features,), "float32", (self.n_features,), np.nan),
                 "diseases": ArraySpec((len(DISEASES),), "int8", (len(DISEASES),), -1),
-                "phenotypes": ArraySpec((18,), "float32", (18,), np.nan)}
+                "phenotypes": ArraySpec((len(PHENOTYPES),), "float32", (len(PHENOTYPES),), np.nan)}
 
     def process(self, item: WorkItem) -> UKBSample:
         p = item.payload

@@ -28,13 +28,14 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from data_prep.format import DISEASES
 from data_prep.config import ConfigError, config_to_dict, save_resolved_config
-from data_prep.fsutil import atomic_path, atomic_write_text
+from data_prep.fsutil import atomic_path, atomic_write_text, dir_bytes
 from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.synth import kspace as ksp
 from data_prep.synth.heart import (LA_THICKNESS_MM, N_FRAMES, SA_SPACING_MM, SA_THICKNESS_MM, HeartModel,
                                    plane_labels)
-from data_prep.synth.physiology import DISEASES, Subject, cohort_eids, sample_subject, subject_rng
+from data_prep.synth.physiology import Subject, cohort_eids, sample_subject, subject_rng
 from data_prep.synth.tabular import tabular_row, write_tabular_csv
 from data_prep.synth.ukb_dicom import CinePlane, write_ukb_dicom_zip
 
@@ -204,14 +205,10 @@ class _Serial:
         return map(fn, items)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 def _summary(cfg: SynthConfig, truths: list[dict], scans: list[dict], seconds: float, cached: bool = False) -> dict:
     out = Path(cfg.out)
     s = {"out": str(out), "subjects": len(truths), "kspace_scans": len(scans), "seconds": seconds, "cached": cached,
-         "bytes": {k: _dir_bytes(out / k) for k in ("ukb", "ukb_dicom", "kspace")}}
+         "bytes": {k: dir_bytes(out / k) for k in ("ukb", "ukb_dicom", "kspace")}}
     s["prevalence"] = {d: float(np.mean([t[d] for t in truths])) if truths else math.nan for d in DISEASES}
     s["phenotypes"] = {p: (float(np.mean([t[p] for t in truths])), float(np.std([t[p] for t in truths])))
                        for p in PHENOTYPES} if truths else {}

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-DISEASES = ("cad", "infarct", "hypertension", "high_blood_pressure", "diabetes", "stroke")
-
 
 @dataclass(frozen=True)
 class Subject:
