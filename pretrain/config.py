@@ -125,6 +125,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     image_every: int = 500  # reconstruction grids in TensorBoard every this many steps; 0: never
+    eval_every: int = 0  # contrastive stages: validation retrieval + loss every this many steps (and at the end); 0: never
+    eval_samples: int = 2048  # at most this many validation samples (split over the ranks)
+    eval_split: str = "val"  # the split evaluated ("train" only for tiny data: in-sample retrieval)
     deepspeed_dir: Path = Path("configs/deepspeed")  # zero<stage>.json: ZeRO tuning; batch/precision come from here
 
 

@@ -1,5 +1,5 @@
-"""The Stage I/II training loader: WebDataset shards of a converted UK Biobank dataset, streamed
-deterministically and resumed exactly.
+"""The training loader: WebDataset shards of a converted dataset (UK Biobank for ViTa Stage I/II, k-space
+sequences for MetaCLIP-CMR), streamed deterministically and resumed exactly.
 
 Input
     A converted dataset directory (the one holding manifest.json, written by `data_prep.jobs.engine`) and a split
@@ -75,6 +75,8 @@ Public API
     samples_per_epoch(dataset_dir, split="train") -> int
     plus the pieces, for tests and other loaders: list_shards, epoch_shards, locate, slot_positions,
     slot_stream, ShuffleBuffer, SampleTransform, select_frames, augment_params, augment_image, collate.
+    KSpaceTransform (pass as `transform=`): the same streams of converted k-space sequences, as MetaCLIP-CMR
+    samples (slices x frames of single images, a metadata sentence, modality / view labels).
 
 Imports from data_prep only `data_prep.format` (no ray): this module runs on the GPU machines.
 """
@@ -95,8 +97,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.format import LA_VIEWS, UKBSample, encode_array, normalise_tabular, plane_names
-from pretrain.config import DataConfig
+from data_prep.format import LA_VIEWS, KSpaceSample, UKBSample, encode_array, normalise_tabular, plane_names
+from pretrain.config import DataConfig, MetaCLIPConfig
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +329,11 @@ def augment_params(seed: int, key: str, epoch: int, planes: int, stored_frames: 
 
 
 def augment_image(image: torch.Tensor, angles: Sequence[float], flips: Sequence[bool], gamma: float = 1.0,
-                  seg: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  seg: Optional[torch.Tensor] = None, clamp: bool = True
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """image (P, T, H, W) float in [0, 1]: flip plane p horizontally if flips[p], rotate it by angles[p] degrees
-    (bilinear, zero padding; seg nearest), then x ** gamma. Returns (image in [0, 1], seg)."""
+    (bilinear, zero padding; seg nearest), then x ** gamma. Returns (image in [0, 1], seg). `clamp=False` (and
+    gamma 1) for images not in [0, 1], e.g. z-scored ones."""
     P, T, H, W = image.shape
     flips = torch.as_tensor(list(flips), dtype=torch.bool)
     if flips.any():
@@ -347,7 +351,8 @@ def augment_image(image: torch.Tensor, angles: Sequence[float], flips: Sequence[
         if seg is not None:
             seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros",
                                 align_corners=False).to(seg.dtype)
-    image = image.clamp(0.0, 1.0)
+    if clamp:
+        image = image.clamp(0.0, 1.0)
     if gamma != 1.0:
         image = image.pow(gamma)
     return image, seg
@@ -409,6 +414,71 @@ class SampleTransform:
             out["seg"] = seg.contiguous()
             out["seg_valid"] = torch.from_numpy(np.asarray(s.seg_valid, bool)[pidx].copy())
         return out
+
+
+def choose(rand: _Rand, n: int, k: int) -> list[int]:
+    """min(k, n) distinct indices of range(n), uniformly, sorted (partial Fisher-Yates on `rand`)."""
+    pool = list(range(n))
+    for i in range(min(k, n)):
+        j = i + rand.below(n - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return sorted(pool[:min(k, n)])
+
+
+def spread(n: int, k: int) -> list[int]:
+    """min(k, n) evenly spaced indices of range(n) (the deterministic choice for evaluation)."""
+    return sorted(set(np.rint(np.linspace(0, n - 1, min(k, n))).astype(int).tolist()))
+
+
+class KSpaceTransform:
+    """raw k-space sequence sample + epoch -> a MetaCLIP-CMR training sample (paper Sec. 2.2-2.3). Picklable.
+
+    Of a sequence's T frames x Z slices: `slices` distinct slices and up to `max_frames` distinct frames (random
+    when training, evenly spaced when `train=False`), i.e. up to slices x max_frames single images, in (slice,
+    frame) order, resized to `image_size` if stored otherwise, padded to a fixed N with `valid` False. One flip,
+    rotation and intensity scale (`1 +- contrast`) for the whole sequence: its images stay views of the same
+    acquisition. The sentence is one of the metadata templates, drawn per (seed, key, epoch) when training, the
+    first template otherwise. A sequence of several views (cine LAX: 2ch/3ch/4ch) has no single view label
+    (`view_valid` False: the soft labels' view term skips it).
+
+    Output: image float32 (N, S, S) z-scored, valid (N,) bool, text, modality, view (int, -1 if none),
+    view_valid (bool tensor), key, epoch.
+    """
+
+    def __init__(self, cfg: DataConfig, mc: MetaCLIPConfig, seed: int, train: bool = True):
+        self.cfg, self.mc, self.seed, self.train = cfg, mc, int(seed), train
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        s = KSpaceSample.from_wds(raw)
+        T, Z = s.image.shape[:2]
+        rand = _Rand(_TAG_AUG, self.seed, epoch, _key_word(s.key))
+        zs = choose(rand, Z, self.mc.slices) if self.train else spread(Z, self.mc.slices)
+        ts = choose(rand, T, self.mc.max_frames) if self.train else spread(T, self.mc.max_frames)
+        texts = s.meta["texts"]
+        text = texts[rand.below(len(texts))] if self.train else texts[0]
+        angle = rand.uniform(-self.cfg.rotation_deg, self.cfg.rotation_deg)
+        flip = rand.below(2) == 1
+        scale = rand.uniform(1.0 - self.cfg.contrast, 1.0 + self.cfg.contrast)
+        x = torch.from_numpy(np.ascontiguousarray(s.image[np.ix_(ts, zs)].transpose(1, 0, 2, 3), np.float32))
+        x = x.flatten(0, 1)  # (slices * frames, S, S) in (slice, frame) order
+        size = self.mc.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)[:, 0]
+        if self.train:
+            x, _ = augment_image(x[None], [angle if self.cfg.rotation_deg > 0 else 0.0],
+                                 [flip and self.cfg.flip], clamp=False)
+            x = x[0] * (scale if self.cfg.contrast > 0 else 1.0)
+        n = self.mc.slices * self.mc.max_frames
+        image = torch.zeros(n, size, size)
+        image[:len(x)] = x
+        valid = torch.zeros(n, dtype=torch.bool)
+        valid[:len(x)] = True
+        views = list(s.meta["view_indices"])
+        single = len(set(views)) == 1
+        return {"image": image, "valid": valid, "text": text, "modality": int(s.meta["modality_index"]),
+                "view": int(views[0]) if single else -1, "view_valid": torch.tensor(single), "key": s.key,
+                "epoch": int(epoch)}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -492,8 +562,12 @@ class ResumableLoader:
         ds = RankDataset(self.dataset.shards, self.dataset.transform, rank=self.rank, world_size=self.world_size,
                          workers=self.workers, seed=self.seed, shuffle_buffer=self.dataset.shuffle_buffer,
                          consumed=self._consumed, drop=self.dataset.drop)
+        # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which
+        # would shift dropout's random numbers between a resumed run (new iterator after the RNG is restored) and
+        # an uninterrupted one (our streams never use that seed)
         kw: dict[str, Any] = dict(batch_size=None, collate_fn=_identity, num_workers=self.workers,
-                                  persistent_workers=False, in_order=True)
+                                  persistent_workers=False, in_order=True,
+                                  generator=torch.Generator().manual_seed(self.seed))
         if self.workers > 0:
             kw["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.workers))  # ~2 batches in flight
         it = iter(DataLoader(ds, **kw))
@@ -543,9 +617,10 @@ class ResumableLoader:
 
 def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
                  seed: int, split: str = "train", planes: Optional[Sequence[Union[int, str]]] = None,
-                 frames: Optional[int] = None) -> ResumableLoader:
+                 frames: Optional[int] = None, transform=None) -> ResumableLoader:
     """The loader of one rank. `dataset_dir` None: `cfg.dataset`. `planes`: plane indices or names
-    (`plane_names`) to keep, in that order; `frames` overrides `cfg.frames` (pass the model's)."""
+    (`plane_names`) to keep, in that order; `frames` overrides `cfg.frames` (pass the model's). `transform`:
+    another per-sample transform (raw sample, epoch) -> dict, e.g. `KSpaceTransform`; default `SampleTransform`."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of world size {world_size}")
     if dataset_dir is None:
@@ -559,7 +634,8 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
         warnings.warn(f"{len(shards)} {split} shards for {slots} loader slots: slots share shards, so every epoch "
                       f"repeats each sample about {slots / len(shards):.1f} times (use fewer workers or ranks, or "
                       f"smaller blocks)", stacklevel=2)
-    transform = SampleTransform(cfg, seed, tabular_stats(manifest), planes, frames)
+    if transform is None:
+        transform = SampleTransform(cfg, seed, tabular_stats(manifest), planes, frames)
     drop = () if cfg.seg else ("seg.arr",)
     ds = RankDataset(shards, transform, rank=rank, world_size=world_size, workers=cfg.workers, seed=int(seed),
                      shuffle_buffer=cfg.shuffle_buffer, drop=drop)

@@ -46,26 +46,45 @@ def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not encoder:
         raise ValueError(f"{ckpt_dir / tag}: no encoder.* weights in the checkpoint")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "checkpoint": tag}
+    arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
+    meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "architecture": arch, "checkpoint": tag,
+            "run": str(run_dir.resolve())}
     with atomic_path(out / "encoder.safetensors") as tmp:
         save_file(encoder, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     atomic_write_text(out / "encoder_config.yaml", yaml.safe_dump(
-        {"model": config_to_dict(cfg.model), **meta}, sort_keys=False))
+        {"model": config_to_dict(cfg.model), **meta, "provenance": provenance(cfg, meta)}, sort_keys=False))
     return out / "encoder.safetensors"
 
 
+def provenance(cfg: PretrainConfig, meta: dict) -> list[dict]:
+    """The chain of runs behind an export, newest first: this run, then (through `checkpoint.init_from`) the run
+    whose export it started from, and so on back to a run that started from scratch."""
+    chain = [{"stage": meta["stage"], "run": meta["run"], "checkpoint": meta["checkpoint"]}]
+    parent = cfg.checkpoint.init_from
+    if parent is not None:
+        parent = Path(parent)
+        parent_cfg = (parent if parent.is_dir() else parent.parent) / "encoder_config.yaml"
+        chain += yaml.safe_load(parent_cfg.read_text()).get("provenance", []) if parent_cfg.is_file() else [
+            {"stage": "unknown", "run": str(parent.resolve())}]
+    return chain
+
+
 def load_encoder(path: str | Path):
-    """An exported encoder (file or run directory) as a ready ViTEncoder in eval mode."""
+    """An exported encoder (file or run directory) -> (encoder in eval mode, its ViTConfig, the export's metadata
+    incl. stage, architecture and provenance). The ViT is a `ViTEncoder`; a MetaCLIP-CMR ResNet-50 export gives
+    MONAI's 2D ResNet-50 (pooled features, no classifier)."""
     from safetensors.torch import load_file
 
     from pretrain.config import ViTConfig
-    from pretrain.models.vit import ViTEncoder
+    from pretrain.models.metaclip import build_image_encoder
 
     path = Path(path)
     if path.is_dir():
         path = path / "encoder.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
     meta = yaml.safe_load((path.parent / "encoder_config.yaml").read_text())
     vit = load_config(ViTConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["model"].items()])
-    enc = ViTEncoder(vit)
+    enc, _ = build_image_encoder(meta.get("architecture", "vit"), vit)
     enc.load_state_dict(load_file(str(path)))
-    return enc.eval(), vit
+    return enc.eval(), vit, meta

@@ -40,19 +40,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["gather_features", "gather_labels", "clip_loss", "soft_targets", "soft_clip_loss", "LogitScale",
-           "MAX_LOGIT_SCALE"]
+           "MAX_LOGIT_SCALE", "LOCAL"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP: 1/tau is clamped at 100
 
 GradReduction = Literal["mean", "sum"]
+LOCAL = "local"  # group=LOCAL: this process's tensors only, no collectives (e.g. scoring gathered embeddings)
 
 
 # --------------------------------------------------------------------------------------------------- gathering
 
 
 def _world(group=None) -> tuple[int, int]:
-    """(rank, world size) in `group`; (0, 1) when torch.distributed is not available / not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """(rank, world size) in `group`; (0, 1) for group=LOCAL or when torch.distributed is not initialised."""
+    if group == LOCAL or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
@@ -185,10 +186,11 @@ class LogitScale(nn.Module):
         if init_temperature <= 0 or max_scale <= 0:
             raise ValueError(f"init_temperature and max_scale must be > 0, got {init_temperature}, {max_scale}")
         self.max_log = math.log(max_scale)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot be
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
 
     def forward(self) -> Tensor:
-        return self.logit_scale.clamp(max=self.max_log)
+        return self.logit_scale.clamp(max=self.max_log)[0]
 
     @property
     def temperature(self) -> float:

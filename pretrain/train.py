@@ -1,4 +1,5 @@
-"""The pretraining loop (ViTa Stage I), DeepSpeed ZeRO 0-3, one file that reads top to bottom.
+"""The pretraining loop of every stage (ViTa Stage I MAE, Stage II image-tabular CLIP, MetaCLIP-CMR), DeepSpeed
+ZeRO 0-3, one file that reads top to bottom.
 
     torchrun --nproc_per_node 2 -m pretrain train --config configs/pretrain/vita_stage1_tiny.yaml
     deepspeed --num_gpus 8 --module pretrain train --config configs/pretrain/vita_stage1.yaml
@@ -18,11 +19,13 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from data_prep.config import dump_config, save_resolved_config
+from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
@@ -62,8 +65,25 @@ def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
     return f
 
 
-def build_model(cfg: PretrainConfig, dataset_dir: Path) -> torch.nn.Module:
-    """The stage's model; Stage II starts its image encoder from the Stage I export (`checkpoint.init_from`)."""
+def text_corpus(dataset_dir: Path, run_dir: Path) -> list[str]:
+    """MetaCLIP-CMR: every metadata sentence of the dataset (all templates), the vocabulary of a from-scratch text
+    encoder. Frozen in the run directory on the first start, so that a resume (even on a grown dataset) rebuilds
+    the same tokenizer."""
+    frozen = Path(run_dir) / "text_corpus.json"
+    if frozen.exists():
+        return json.loads(frozen.read_text())
+    texts = set()
+    for path in sorted((Path(dataset_dir) / "meta").glob("block-*.jsonl")):
+        for line in path.read_text().splitlines():
+            texts.update(json.loads(line).get("texts", ()))
+    if not texts:
+        raise ValueError(f"{dataset_dir}: no metadata sentences in meta/*.jsonl (is it a converted k-space dataset?)")
+    return sorted(texts)
+
+
+def build_model(cfg: PretrainConfig, dataset_dir: Path, corpus: Optional[list[str]] = None) -> torch.nn.Module:
+    """The stage's model; Stage II and MetaCLIP-CMR (ViT) may start their image encoder from an earlier export
+    (`checkpoint.init_from`)."""
     if cfg.stage == "mae":
         return MaskedAutoencoder(cfg.model, cfg.mae)
     if cfg.stage == "tabular_clip":
@@ -73,19 +93,75 @@ def build_model(cfg: PretrainConfig, dataset_dir: Path) -> torch.nn.Module:
         if "stats" not in manifest.get("tabular", {}):
             raise ValueError(f"{dataset_dir}: no tabular features/statistics (convert with --tabular)")
         model = ImageTabularCLIP(cfg.model, cfg.tabular, manifest["tabular"]["features"])
-        if cfg.checkpoint.init_from is not None:
-            model.load_encoder(cfg.checkpoint.init_from)
-        return model
-    raise NotImplementedError(f"stage {cfg.stage!r}: its trainer is not built yet (MetaCLIP-CMR needs the k-space "
-                              "loader)")
+    else:
+        from pretrain.models.metaclip import MetaCLIP
+
+        model = MetaCLIP(cfg.model, cfg.metaclip, corpus or [], seed=cfg.train.seed)
+    if cfg.checkpoint.init_from is not None:
+        model.load_encoder(cfg.checkpoint.init_from)
+    return model
+
+
+def build_transform(cfg: PretrainConfig, manifest: dict, train: bool):
+    """The per-sample transform of the stage's loader (None: the default UK Biobank `SampleTransform`) and, for
+    evaluation (`train=False`), a deterministic one without augmentation."""
+    from dataclasses import replace
+
+    from pretrain.data import KSpaceTransform, SampleTransform, tabular_stats
+
+    if cfg.stage == "metaclip":
+        return KSpaceTransform(cfg.data, cfg.metaclip, cfg.train.seed, train=train)
+    if train:
+        return None
+    plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False)
+    return SampleTransform(plain, cfg.train.seed, tabular_stats(manifest), frames=cfg.model.frames)
 
 
 def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     images = batch["image"].to(device, dtype, non_blocking=True)
     if cfg.stage == "mae":
         return {"images": images}
+    if cfg.stage == "metaclip":
+        return {"images": images, "valid": batch["valid"].to(device), "texts": batch["text"],
+                "modality": batch["modality"].to(device), "view": batch["view"].to(device),
+                "view_valid": batch["view_valid"].to(device)}
     return {"images": images, "tab_values": batch["tabular_values"].to(device, non_blocking=True),
             "tab_missing": batch["tabular_missing"].to(device, non_blocking=True)}
+
+
+def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: dict, device: torch.device,
+             dtype: torch.dtype) -> dict:
+    """Collective: validation retrieval and loss of a contrastive stage (`pretrain/evaluate.py`)."""
+    from pretrain import evaluate as ev
+    from pretrain.data import list_shards
+
+    shards = list_shards(cfg.data.dataset, cfg.train.eval_split, manifest)
+    if not shards:
+        return {}
+    world = dist.get_world_size()
+    limit = -(-cfg.train.eval_samples // world)
+    transform = build_transform(cfg, manifest, train=False)
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.stage == "tabular_clip":
+            emb = ev.embed_split(lambda b: model.embed(**model_inputs(cfg, b, device, dtype)), shards, transform,
+                                 batch_size=cfg.train.micro_batch, limit=limit)
+            return ev.tabular_clip_metrics(emb, cfg.tabular.temperature, cfg.tabular.loss_weight,
+                                           cfg.train.global_batch)
+        emb = ev.embed_split(lambda b: {"image": model.embed_images(b["image"].to(device, dtype),
+                                                                    b["valid"].to(device))},
+                             shards, transform, batch_size=cfg.train.micro_batch, limit=limit,
+                             labels=("text", "modality", "view", "view_valid"))
+        sentences = sorted(set(emb["text"]))
+        with torch.no_grad():  # every rank embeds all sentences alike (ZeRO-3 forwards are collective)
+            text_emb = torch.cat([model.embed_texts(sentences[i:i + 256]).float().cpu()
+                                  for i in range(0, len(sentences), 256)])
+        mc = cfg.metaclip
+        return ev.metaclip_metrics(emb, text_emb, sentences, model.logit_scale(), mc.alpha_modality, mc.beta_view,
+                                   cfg.train.global_batch)
+    finally:
+        model.train(was_training)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -142,11 +218,17 @@ def train(cfg: PretrainConfig) -> dict:
         save_resolved_config(cfg, run_dir, "config.yaml")
 
     # --- model, optimizer, schedule: identical initial weights on every rank ---
+    from pretrain.data import read_manifest
+
+    manifest = read_manifest(cfg.data.dataset)
+    corpus = text_corpus(cfg.data.dataset, run_dir) if cfg.stage == "metaclip" else None
+    if corpus is not None and rank == 0:
+        atomic_write_text(run_dir / "text_corpus.json", json.dumps(corpus, indent=0))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, cfg.data.dataset)
+    model = build_model(cfg, cfg.data.dataset, corpus)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
     loader = build_loader(cfg.data.dataset, cfg.data, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
-                          seed=cfg.train.seed, frames=cfg.model.frames)
+                          seed=cfg.train.seed, frames=cfg.model.frames, transform=build_transform(cfg, manifest, True))
     steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -230,6 +312,15 @@ def train(cfg: PretrainConfig) -> dict:
                 print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} {quality} {row[quality]:.3f} "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
+        if cfg.stage != "mae" and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
+            val = evaluate(cfg, engine.module, manifest, device, dtype)
+            if rank == 0 and val:
+                metrics.write(json.dumps({"step": step, "samples": samples, "split": "val", **val}) + "\n")
+                metrics.flush()
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+                print(f"[pretrain] step {step} validation: " + " ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()), flush=True)
         # every 10 steps (not every step: the all-reduce is a device sync); all ranks decide alike
         signalled = step % 10 == 0 and stop.any_rank(device)
         if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:

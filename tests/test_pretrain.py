@@ -67,6 +67,8 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
+        if r.get("split", "train") != "train":
+            continue  # validation rows
         rows[r["step"]] = r  # a resumed run re-logs steps after the checkpoint: keep the last
     return rows
 
@@ -141,7 +143,8 @@ def test_zero3_and_encoder_export(shards, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     from pretrain.export import load_encoder
 
-    enc, vit = load_encoder(run)
+    enc, vit, meta = load_encoder(run)
+    assert meta["stage"] == "mae" and meta["provenance"][0]["run"] == str(run.resolve())
     x = torch.rand(1, vit.sa_planes + vit.la_planes, vit.frames, vit.img_size, vit.img_size)
     assert enc.forward_features(x).shape[-1] == vit.dim
 
@@ -206,13 +209,43 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
            "train", "--config", str(STAGE2), f"checkpoint.dir={stage2}", f"data.dataset={shards}",
            f"checkpoint.init_from={stage1}", "train.global_batch=4", "train.micro_batch=2", "train.epochs=10",
-           "train.samples_per_epoch=16", "train.log_every=4"]
+           "train.samples_per_epoch=16", "train.log_every=4", "train.eval_every=8", "train.eval_split=train",
+           "checkpoint.keep=20"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:]
     m = _metrics(stage2)
     first, last = m[min(m)]["loss"], m[max(m)]["loss"]
     assert abs(first - np.log(4)) < 0.15 and last < 0.6 * first, (first, last)  # CLIP over 4 subjects
     assert m[max(m)]["acc"] > 0.7
+    # validation retrieval (here in-sample: the tiny cohort has 4 subjects) in metrics.jsonl and TensorBoard
+    val = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines() if '"split": "val"' in x]
+    assert [v["step"] for v in val] == [8, 16, 24, 32, 40] and all(v["n"] == 4 for v in val)
+    assert val[-1]["image_to_table_top1"] >= 0.75 and val[-1]["table_to_image_top1"] >= 0.75, val[-1]
+    assert val[-1]["loss"] < val[0]["loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(stage2 / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"val/image_to_table_top1", "val/image_to_table_top5", "val/table_to_image_top1", "val/loss"} <= set(tags)
+
+    # exact resume: back to the step-32 checkpoint, the run repeats steps 33-40 bit for bit
+    ckpt = stage2 / "checkpoints"
+    for s in (36, 40):
+        shutil.rmtree(ckpt / f"step{s:08d}")
+    (ckpt / "latest").write_text("step00000032")
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    again = _metrics(stage2)
+    assert "resumed from step00000032" in res.stdout
+    assert all(again[s]["loss"] == m[s]["loss"] and again[s]["acc"] == m[s]["acc"] for s in (36, 40))
+
+    # the export names its stage and the chain of runs behind it: Stage II <- Stage I
+    from pretrain.export import export_encoder, load_encoder
+
+    export_encoder(stage2)
+    _, _, meta = load_encoder(stage2)
+    assert meta["stage"] == "tabular_clip"
+    assert [p["stage"] for p in meta["provenance"]] == ["tabular_clip", "mae"]
+    assert meta["provenance"][1]["run"] == str(stage1.resolve())
 
 
 def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):

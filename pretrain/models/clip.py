@@ -20,6 +20,21 @@ from pretrain.models.tabular import ProjectionHead, TabularEncoder
 from pretrain.models.vit import ViTEncoder
 
 
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """Initialise `encoder` from an earlier stage's `encoder.safetensors` (or a run directory holding it)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
+    missing, unexpected = encoder.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: encoder weights do not match the configured model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 class ImageTabularCLIP(nn.Module):
     def __init__(self, vit: ViTConfig, tab: TabularConfig, schema: Sequence[dict]):
         super().__init__()
@@ -34,18 +49,12 @@ class ImageTabularCLIP(nn.Module):
         self.tabular.grad_checkpointing = enabled
 
     def load_encoder(self, path: str | Path) -> None:
-        """Initialise the image encoder from a Stage I `encoder.safetensors` (or a run directory holding it)."""
-        from safetensors.torch import load_file
+        load_encoder_weights(self.encoder, path)
 
-        path = Path(path)
-        if path.is_dir():
-            path = path / "encoder.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no Stage I encoder export (python -m pretrain export --run ...)")
-        missing, unexpected = self.encoder.load_state_dict(load_file(str(path)), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: encoder weights do not match the configured model "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    def embed(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor) -> dict[str, Tensor]:
+        """Both embeddings (B, projection_dim), not normalised, the whole image (no masking): for evaluation."""
+        z_img = self.image_proj(self.encoder(images)[0].mean(dim=1))
+        return {"image": z_img, "tabular": self.tabular_proj(self.tabular.pooled(tab_values, tab_missing))}
 
     def forward(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor,
                 generator: Optional[torch.Generator] = None) -> dict:

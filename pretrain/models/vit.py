@@ -97,21 +97,14 @@ def sincos_1d(pos: Tensor, channels: int) -> Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=1)
 
 
-def pos_embed(cfg: ViTConfig, dim: Optional[int] = None) -> Tensor:
-    """The fixed 5D positional embedding (L, dim) of ViTa App. B, at width `dim` (default cfg.dim; the MAE
-    decoder uses its own width). Rows follow the token order of `patchify` / `PatchEmbed3D`.
-
-    Columns: [x | y | t | plane | (zero if dim-1 odd) | view], see `axis_channels`. The plane coordinate
-    restarts at 0 for the LA views, so the SA grid (PE_SA) and the LA grid (PE_LA) are built the same way; the
-    view indicator channel is +1 for SA and -1 for LA tokens. +-1 rather than 1/0: it has the same amplitude as
-    the sin/cos channels (no channel dominates the token at initialisation), is zero-mean over the views, and
-    gives the largest separation between the two views a single bounded channel can.
-    """
-    dim = cfg.dim if dim is None else dim
+def pos_embed_grid(dim: int, groups: Sequence[tuple[int, float]], grid: Sequence[int]) -> Tensor:
+    """Fixed sin-cos embedding (L, dim) of token grids: `groups` = [(planes, view indicator), ...] in token order,
+    each of `planes` planes with the token grid `grid` = (T', H', W'). Columns: [x | y | t | plane | (zero if
+    dim-1 odd) | view], see `axis_channels`; the plane coordinate restarts at 0 in every group."""
     cx, cy, ct, cz = axis_channels(dim)
-    gt, gh, gw = token_grid(cfg)
+    gt, gh, gw = grid
 
-    def grid(planes: int, view: float) -> Tensor:
+    def one(planes: int, view: float) -> Tensor:
         z, t, y, x = torch.meshgrid(torch.arange(planes), torch.arange(gt), torch.arange(gh), torch.arange(gw),
                                     indexing="ij")
         pe = torch.cat([sincos_1d(x.flatten(), cx), sincos_1d(y.flatten(), cy), sincos_1d(t.flatten(), ct),
@@ -120,7 +113,20 @@ def pos_embed(cfg: ViTConfig, dim: Optional[int] = None) -> Tensor:
         indicator = torch.full((pe.shape[0], 1), view, dtype=pe.dtype)
         return torch.cat([pe, pad, indicator], dim=1)
 
-    return torch.cat([grid(cfg.sa_planes, 1.0), grid(cfg.la_planes, -1.0)], dim=0).float()
+    return torch.cat([one(planes, view) for planes, view in groups], dim=0).float()
+
+
+def pos_embed(cfg: ViTConfig, dim: Optional[int] = None) -> Tensor:
+    """The fixed 5D positional embedding (L, dim) of ViTa App. B, at width `dim` (default cfg.dim; the MAE
+    decoder uses its own width). Rows follow the token order of `patchify` / `PatchEmbed3D`.
+
+    The plane coordinate restarts at 0 for the LA views, so the SA grid (PE_SA) and the LA grid (PE_LA) are built
+    the same way; the view indicator channel is +1 for SA and -1 for LA tokens. +-1 rather than 1/0: it has the
+    same amplitude as the sin/cos channels (no channel dominates the token at initialisation), is zero-mean over
+    the views, and gives the largest separation between the two views a single bounded channel can.
+    """
+    return pos_embed_grid(cfg.dim if dim is None else dim, [(cfg.sa_planes, 1.0), (cfg.la_planes, -1.0)],
+                          token_grid(cfg))
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
@@ -239,6 +245,7 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=LN_EPS)
         self.grad_checkpointing = False
+        self._pos_2d: dict[tuple[int, int, int], Tensor] = {}  # forward_2d's fixed embeddings per token grid
         self.apply(_init_weights)
 
     @property
@@ -272,6 +279,26 @@ class ViTEncoder(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """All L tokens, unmasked, in order: (B, L, dim)."""
         return self.forward(x)[0]
+
+    def forward_2d(self, x: Tensor) -> Tensor:
+        """Single 2D images (N, H, W), e.g. MetaCLIP-CMR's k-space frames -> their tokens (N, H/ph * W/pw, dim).
+
+        The same weights as the 3D+T path: each image is a static clip of pt identical frames (so the Conv3d acts
+        as a 2D convolution with the kernel summed over time), one plane with the view indicator 0 (the view is
+        unknown: for view classification it must come from the pixels). H and W need only be multiples of the
+        patch; the fixed sin-cos embedding of that grid is made on first use and cached."""
+        pt, ph, pw = self.cfg.patch
+        N, H, W = x.shape
+        if H % ph or W % pw:
+            raise ValueError(f"image {H}x{W} is not a multiple of the patch {ph}x{pw}")
+        grid = (1, H // ph, W // pw)
+        if grid not in self._pos_2d:
+            self._pos_2d[grid] = pos_embed_grid(self.cfg.dim, [(1, 0.0)], grid)
+        tokens = self.patch_embed(x[:, None, None].expand(N, 1, pt, H, W))
+        tokens = tokens + self._pos_2d[grid].to(tokens.device, tokens.dtype)
+        for blk in self.blocks:
+            tokens = _run_block(self, blk, tokens)
+        return self.norm(tokens)
 
     def intermediate_layers(self, x: Tensor, indices: Sequence[int], norm: bool = False) -> list[Tensor]:
         """Outputs (B, L, dim) of the blocks at `indices` (negative counts from the end), unmasked, e.g. the skip
