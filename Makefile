@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test clean help
+.PHONY: install demo test clean help slurm
 help:
 	@echo "make demo   - run the main job on the bundled synthetic cohort ($(DEMO_DIR))"
 	@echo "make test   - run the test suite"
@@ -29,7 +29,12 @@ demo: install
 	$(BIN)/python -m data_prep kspace --config configs/data_prep/kspace_convert.yaml --src $(DEMO_DIR)/cohort/kspace \
 		--out $(DEMO_DIR)/data/kspace
 
-test: install
+# a real one-node SLURM (slurm-wlm + munge) for the cluster tests; without root / packages they skip
+slurm:
+	bash cluster/local_slurm.sh install && bash cluster/local_slurm.sh start \
+		|| echo "no local SLURM cluster: the SLURM tests will be skipped"
+
+test: install slurm
 	$(BIN)/python -m pytest -q
 
 clean:
