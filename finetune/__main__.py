@@ -5,20 +5,81 @@ from __future__ import annotations
 
 import sys
 
-from data_prep.config import add_show_config_command, cli_parser, run_cli
+from data_prep.config import add_show_config_command, cli_parser, config_from_args, run_cli
 from finetune.config import FinetuneConfig
 
 EPILOG = """examples:
+  python -m finetune train --config configs/finetune/vita_phenotypes.yaml encoder=runs/vita_stage2
+  python -m finetune train --config configs/finetune/tiny.yaml protocol.kind=linear_probe
+  python -m finetune compare --config configs/finetune/vita_phenotypes.yaml --method mae=runs/vita_stage1 \\
+      --method vita=runs/vita_stage2 --baselines mean_guess,vit_scratch,resnet50
+  python -m finetune embed --encoder runs/vita_stage2 --dataset data/ukb/converted --out embeddings.npz
   python -m finetune config --config configs/finetune/vita_phenotypes.yaml
-  python -m finetune config --config configs/finetune/tiny.yaml protocol.kind=linear_probe
 
 configs/finetune/ holds the paper-scale task configs (vita_phenotypes, vita_diseases, vita_segmentation,
-metaclip_modality_view) and a tiny one for tests.
+metaclip_modality_view) and a tiny one for tests and the demo.
 """
+
+
+def _train(args) -> int:
+    from finetune.train import fit
+
+    cfg = config_from_args(FinetuneConfig, args)
+    result = fit(cfg)
+    print(f"[finetune] done: best epoch {result.get('best_epoch')}; {cfg.out}/metrics.json, {cfg.out}/report.md")
+    return 0
+
+
+def _compare(args) -> int:
+    from finetune.compare import compare
+
+    cfg = config_from_args(FinetuneConfig, args)
+    methods = dict(m.split("=", 1) for m in args.method)
+    baselines = [b for b in args.baselines.split(",") if b]
+    path = compare(cfg, methods, baselines)
+    print(f"[finetune] comparison table: {path}")
+    return 0
+
+
+def _embed(args) -> int:
+    from finetune.embed import embed
+
+    path = embed(args.encoder, args.dataset, args.out, split=args.split, batch_size=args.batch_size)
+    print(f"[finetune] embeddings: {path}")
+    return 0
+
+
+def _demo_report(args) -> int:
+    from finetune.demo_report import build
+
+    print(f"[finetune] report: {build(args.demo)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("python -m finetune", __doc__, EPILOG)
+    from data_prep.config import add_config_arguments
+
+    p = sub.add_parser("train", help="one fine-tuning run: train, validate, test, report")
+    add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("compare", help="the paper's comparison: baselines and encoders on one task, one table")
+    add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
+    p.add_argument("--method", action="append", default=[], metavar="NAME=ENCODER",
+                   help="an encoder to compare (export or pretraining run directory); repeatable")
+    p.add_argument("--baselines", default="mean_guess,vit_scratch,resnet50",
+                   help="comma-separated: mean_guess, vit_scratch, resnet50 (default: all)")
+    p.set_defaults(func=_compare)
+    p = sub.add_parser("embed", help="per-subject encoder embeddings of a converted dataset -> .npz")
+    p.add_argument("--encoder", required=True, help="encoder.safetensors, its directory, or a pretraining run")
+    p.add_argument("--dataset", required=True, help="a converted dataset directory (manifest.json + store.zarr)")
+    p.add_argument("--out", required=True, help="output .npz (keys, split, embeddings)")
+    p.add_argument("--split", default="all", help="train, val, test or all (default)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_embed)
+    p = sub.add_parser("demo-report", help="the report of `make demo` from what its stages wrote")
+    p.add_argument("--demo", default="runs/demo", help="the demo directory (default runs/demo)")
+    p.set_defaults(func=_demo_report)
     add_show_config_command(sub, FinetuneConfig, "configs/finetune/vita_phenotypes.yaml")
     return run_cli(parser, argv)
 

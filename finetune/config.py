@@ -21,9 +21,12 @@ class TaskConfig:
         "LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF"])
     diseases: list[str] = field(default_factory=lambda: [
         "cad", "infarct", "high_blood_pressure", "diabetes", "hypertension", "stroke"])
-    head_hidden: int = 256  # two-layer MLP decoder (ViTa Sec. 4.2)
-    seg_decoder_dim: int = 576  # UNETR-style decoder (ViTa Sec. 4.2)
-    class_weighting: bool = True
+    head_hidden: int = 256  # two-layer MLP decoder (ViTa Sec. 4.2); a linear probe uses one Linear layer
+    seg_decoder_dim: int = 576  # UNETR-style decoder: channels of its deepest stage, halved per upsampling
+    class_weighting: bool = True  # diseases: BCE positive weight n_neg / n_pos per disease (training split)
+    slices: int = 3  # modality_view: images per k-space sequence (MetaCLIP-CMR: 3 slices x up to 4 frames)
+    max_frames: int = 4
+    image_size: int = 224
 
 
 @dataclass
@@ -36,11 +39,11 @@ class ProtocolConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    store: Path = Path("runs/demo/store.zarr")
+    dataset: Path = Path("runs/demo/data/ukb")  # a converted dataset (manifest.json + store.zarr); its splits
     batch_size: int = 8
     workers: int = 2
-    val_fraction: float = 0.1
-    test_subjects: int = 1000
+    eval_all_frames: bool = True  # segmentation test: score every stored frame (T / frames passes), not only 5
+    cache: bool = False  # keep decoded images in memory (per process): for datasets that fit, e.g. the demo
 
 
 @dataclass
@@ -49,14 +52,18 @@ class FinetuneOptimConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 10.0
     epochs: int = 50
+    patience: int = 10  # early stopping: epochs without a better validation metric
 
 
 @dataclass
 class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    model: ViTConfig = field(default_factory=ViTConfig)
-    encoder: Optional[Path] = None  # encoder.safetensors or a pretraining run dir; None: from scratch
+    model: ViTConfig = field(default_factory=ViTConfig)  # the architecture when no encoder is loaded
+    # encoder.safetensors, its directory, or a pretraining run directory (latest checkpoint); None: from scratch
+    encoder: Optional[Path] = None
+    # none: the encoder above; vit_scratch: the same ViT, fresh; resnet50: MONAI's 2D ResNet-50 (planes x frames
+    # as channels); mean_guess: no model, the training mean / prevalence
     baseline: Literal["none", "mean_guess", "vit_scratch", "resnet50"] = "none"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)

@@ -449,7 +449,10 @@ class KSpaceTransform:
         self.cfg, self.mc, self.seed, self.train = cfg, mc, int(seed), train
 
     def __call__(self, raw: dict, epoch: int) -> dict:
-        s = KSpaceSample.from_wds(raw)
+        return self.apply(KSpaceSample.from_wds(raw), epoch)
+
+    def apply(self, s: KSpaceSample, epoch: int) -> dict:
+        """The same from a decoded sample (e.g. random access through `StoreReader.kspace`)."""
         T, Z = s.image.shape[:2]
         rand = _Rand(_TAG_AUG, self.seed, epoch, _key_word(s.key))
         zs = choose(rand, Z, self.mc.slices) if self.train else spread(Z, self.mc.slices)

@@ -70,21 +70,37 @@ def provenance(cfg: PretrainConfig, meta: dict) -> list[dict]:
 
 
 def load_encoder(path: str | Path):
-    """An exported encoder (file or run directory) -> (encoder in eval mode, its ViTConfig, the export's metadata
-    incl. stage, architecture and provenance). The ViT is a `ViTEncoder`; a MetaCLIP-CMR ResNet-50 export gives
-    MONAI's 2D ResNet-50 (pooled features, no classifier)."""
+    """An encoder -> (encoder in eval mode, its ViTConfig, metadata incl. stage, architecture and provenance).
+
+    `path`: an export (`encoder.safetensors` or the directory holding it with `encoder_config.yaml`), or a
+    pretraining run directory without an export, whose latest complete DeepSpeed checkpoint is consolidated in
+    memory (the same weights `export_encoder` would write). The ViT is a `ViTEncoder`; a MetaCLIP-CMR ResNet-50
+    gives MONAI's 2D ResNet-50 (pooled features, no classifier)."""
     from safetensors.torch import load_file
 
     from pretrain.config import ViTConfig
     from pretrain.models.metaclip import build_image_encoder
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "encoder.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
-    meta = yaml.safe_load((path.parent / "encoder_config.yaml").read_text())
-    vit = load_config(ViTConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["model"].items()])
+    if path.is_dir() and not (path / "encoder.safetensors").is_file() and (path / "checkpoints").is_dir():
+        tag = checkpoint.latest_tag(path / "checkpoints")
+        if tag is None:
+            raise FileNotFoundError(f"{path / 'checkpoints'}: no complete checkpoint to load an encoder from")
+        cfg = load_config(PretrainConfig, path / "config.yaml")
+        state = {k.removeprefix("encoder."): v for k, v in consolidated_state_dict(path / "checkpoints", tag).items()
+                 if k.startswith("encoder.")}
+        arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
+        meta = {"stage": cfg.stage, "architecture": arch, "checkpoint": tag, "run": str(path.resolve()),
+                "provenance": provenance(cfg, {"stage": cfg.stage, "run": str(path.resolve()), "checkpoint": tag})}
+        vit = cfg.model
+    else:
+        if path.is_dir():
+            path = path / "encoder.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
+        meta = yaml.safe_load((path.parent / "encoder_config.yaml").read_text())
+        vit = load_config(ViTConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["model"].items()])
+        state = load_file(str(path))
     enc, _ = build_image_encoder(meta.get("architecture", "vit"), vit)
-    enc.load_state_dict(load_file(str(path)))
+    enc.load_state_dict(state)
     return enc.eval(), vit, meta

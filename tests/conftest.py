@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,51 @@ def ray_cluster():
              _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kspace24(tmp_path_factory, ray_cluster) -> Path:
+    """24 synthetic k-space sequences (every modality) converted at 32^2, all in the training split."""
+    from data_prep.jobs.engine import JobConfig
+    from data_prep.jobs.kspace import KSpaceJobConfig, run
+
+    src = tmp_path_factory.mktemp("k24")
+    res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "1",
+                          "--kspace-scans", "24", "--quiet", "kspace_size_scale=0.5", "kspace_format=mixed"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path_factory.mktemp("ks24")
+    cfg = KSpaceJobConfig(src=src / "kspace", size=32, job=JobConfig(out=out, block_size=2, workers=2,
+                                                                      val_fraction=0.0, test_fraction=0.0))
+    report, _ = run(cfg, progress=False)
+    assert report.counts["written"] == 24
+    return out
+
+
+def convert_ukb_tiny(cohort: Path, out: Path, block_size: int, val: float, test: float) -> int:
+    """A synthetic cohort through the real UK Biobank job at the tiny models' geometry (3 SA + 3 LA planes, 32^2
+    crops); returns the number of subjects written."""
+    from data_prep.jobs.engine import JobConfig
+    from data_prep.jobs.ukb import UKBJobConfig, run
+    from data_prep.preprocess_ukb import UKBPreprocessConfig
+
+    cfg = UKBJobConfig(src=cohort / "ukb", tabular=cohort / "ukb_tabular.csv",
+                       features=ROOT / "configs/data_prep/ukb_features.yaml",
+                       job=JobConfig(out=out, block_size=block_size, workers=2, val_fraction=val, test_fraction=test),
+                       preprocess=UKBPreprocessConfig(sa_planes=3, crop=32))
+    report, _ = run(cfg, progress=False)
+    return report.counts["written"]
+
+
+@pytest.fixture(scope="session")
+def cohort60(tmp_path_factory, ray_cluster) -> Path:
+    """60 synthetic UK Biobank subjects converted at the tiny model's size, with train / val / test splits (37 /
+    12 / 11): the fine-tuning tests' dataset."""
+    src = tmp_path_factory.mktemp("cohort60")
+    res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "60",
+                          "--kspace-scans", "0", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path_factory.mktemp("ukb60")
+    assert convert_ukb_tiny(src, out, block_size=4, val=0.2, test=0.2) == 60
+    shutil.rmtree(src / "ukb")  # 1.2 GB of NIfTI, no longer needed
+    return out

@@ -19,25 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/metaclip_cmr_tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def kspace24(tmp_path_factory, ray_cluster) -> Path:
-    """24 synthetic k-space sequences (every modality) converted at 32^2, all in the training split."""
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.kspace import KSpaceJobConfig, run
-
-    src = tmp_path_factory.mktemp("k24")
-    res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "1",
-                          "--kspace-scans", "24", "--quiet", "kspace_size_scale=0.5", "kspace_format=mixed"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = tmp_path_factory.mktemp("ks24")
-    cfg = KSpaceJobConfig(src=src / "kspace", size=32, job=JobConfig(out=out, block_size=2, workers=2,
-                                                                      val_fraction=0.0, test_fraction=0.0))
-    report, _ = run(cfg, progress=False)
-    assert report.counts["written"] == 24
-    return out
-
-
 def _raw_samples(dataset: Path) -> list[dict]:
     from pretrain.data import _read_shard, list_shards
 

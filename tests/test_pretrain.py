@@ -24,17 +24,10 @@ TINY = ROOT / "configs/pretrain/vita_stage1_tiny.yaml"
 @pytest.fixture(scope="session")
 def shards(tiny_cohort, tmp_path_factory, ray_cluster) -> Path:
     """The tiny cohort converted with the real UK Biobank job at the tiny model's crop size."""
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.ukb import UKBJobConfig, run
-    from data_prep.preprocess_ukb import UKBPreprocessConfig
+    from conftest import convert_ukb_tiny
 
     out = tmp_path_factory.mktemp("shards")
-    cfg = UKBJobConfig(src=tiny_cohort / "ukb", tabular=tiny_cohort / "ukb_tabular.csv",
-                       features=ROOT / "configs/data_prep/ukb_features.yaml",
-                       job=JobConfig(out=out, block_size=1, workers=2, val_fraction=0.0, test_fraction=0.0),
-                       preprocess=UKBPreprocessConfig(sa_planes=3, crop=32))
-    report, _ = run(cfg, progress=False)
-    assert report.counts["written"] == 4
+    assert convert_ukb_tiny(tiny_cohort, out, block_size=1, val=0.0, test=0.0) == 4
     return out
 
 
@@ -147,6 +140,12 @@ def test_zero3_and_encoder_export(shards, tmp_path):
     assert meta["stage"] == "mae" and meta["provenance"][0]["run"] == str(run.resolve())
     x = torch.rand(1, vit.sa_planes + vit.la_planes, vit.frames, vit.img_size, vit.img_size)
     assert enc.forward_features(x).shape[-1] == vit.dim
+    # fine-tuning may also point at a run directory without an export: the same weights, from the ZeRO-3 shards
+    (run / "encoder.safetensors").rename(tmp_path / "encoder.safetensors")
+    from_run, vit2, meta2 = load_encoder(run)
+    assert vit2 == vit and meta2["checkpoint"] == meta["checkpoint"]
+    a, b = enc.state_dict(), from_run.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):

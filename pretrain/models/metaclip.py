@@ -46,6 +46,16 @@ def encode_2d(encoder: nn.Module, x: Tensor) -> Tensor:
     return encoder(x[:, None].to(next(encoder.parameters()).dtype))
 
 
+def pool_sequences(encoder: nn.Module, images: Tensor, valid: Tensor) -> Tensor:
+    """images (B, N, H, W), valid (B, N) bool -> (B, width): the mean of each sequence's valid images' features.
+    Only valid images go through the encoder."""
+    B, N = valid.shape
+    feats = encode_2d(encoder, images.flatten(0, 1)[valid.flatten()]).float()
+    owner = torch.arange(B, device=valid.device).repeat_interleave(N)[valid.flatten()]
+    pooled = torch.zeros(B, feats.shape[1], device=feats.device).index_add_(0, owner, feats)
+    return pooled / valid.sum(dim=1, keepdim=True).clamp_min(1).to(pooled)
+
+
 class MetaCLIP(nn.Module):
     def __init__(self, vit: ViTConfig, cfg: MetaCLIPConfig, corpus: Sequence[str], seed: int = 0):
         super().__init__()
@@ -68,13 +78,8 @@ class MetaCLIP(nn.Module):
         load_encoder_weights(self.encoder, path)
 
     def image_features(self, images: Tensor, valid: Tensor) -> Tensor:
-        """images (B, N, H, W), valid (B, N) bool -> (B, width): the mean over each sequence's valid images.
-        Only valid images go through the encoder."""
-        B, N = valid.shape
-        feats = encode_2d(self.encoder, images.flatten(0, 1)[valid.flatten()]).float()
-        owner = torch.arange(B, device=valid.device).repeat_interleave(N)[valid.flatten()]
-        pooled = torch.zeros(B, feats.shape[1], device=feats.device).index_add_(0, owner, feats)
-        return pooled / valid.sum(dim=1, keepdim=True).clamp_min(1).to(pooled)
+        """images (B, N, H, W), valid (B, N) bool -> (B, width), see `pool_sequences`."""
+        return pool_sequences(self.encoder, images, valid)
 
     def embed_images(self, images: Tensor, valid: Tensor) -> Tensor:
         """(B, projection_dim) image embeddings (not normalised)."""

@@ -1,0 +1,137 @@
+"""Fine-tuning data: random access to a converted dataset's Zarr store (`data_prep.format.StoreReader`), exact
+epochs over the manifest's splits (train / val / test by a hash of the key, fixed at conversion).
+
+UK Biobank subjects (tasks phenotypes, diseases, segmentation): the image (P, frames, H, W) in [0, 1] at the
+encoder's frames (evenly spaced of the stored T; for segmentation in training a random offset per (seed, key,
+epoch) so that every stored frame is learned; in evaluation the offset is chosen by the caller, so that all T
+frames are scored), flips and rotations per plane in training as in pretraining (`pretrain.data`), and the
+targets: phenotypes / tabular features (raw units, NaN missing), diseases (-1 unknown), seg + seg_valid.
+k-space sequences (task modality_view): `pretrain.data.KSpaceTransform` on `StoreReader.kspace`.
+
+Everything random is a function of (seed, key, epoch); the store is opened lazily in each process (DataLoader
+workers do not share a Zarr handle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_prep.format import DISEASES, PHENOTYPES, StoreReader
+from pretrain.config import DataConfig, MetaCLIPConfig, ViTConfig
+from pretrain.data import (KSpaceTransform, _key_word, _Rand, augment_image, augment_params, collate,
+                           select_frames)
+
+AUGMENT = DataConfig(rotation_deg=10.0, flip=True, contrast=0.1)  # ViTa Sec. 4.1, as in pretraining
+_TAG_FRAMES = 0x5EED_0010
+
+
+def target_names(manifest: dict) -> list[str]:
+    """Every regressable name: the PHENOTYPES, then the tabular features of the manifest."""
+    return list(PHENOTYPES) + [f["name"] for f in (manifest.get("tabular") or {}).get("features", [])]
+
+
+class SubjectDataset(Dataset):
+    """One split of a converted dataset as training / evaluation samples for `task`."""
+
+    def __init__(self, dataset_dir: str | Path, split: str, task: str, vit: ViTConfig, *, train: bool, seed: int,
+                 targets: Sequence[str] = (), diseases: Sequence[str] = DISEASES,
+                 kspace: Optional[MetaCLIPConfig] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
+                 cache: bool = False):
+        self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, task, vit
+        self.train, self.seed, self.frame_offset = train, int(seed), frame_offset
+        self.augment = augment if train else replace(augment, rotation_deg=0.0, flip=False, contrast=0.0)
+        self.epoch = 0
+        self._cache: Optional[dict] = {} if cache else None  # decoded arrays per (key, frames), per process
+        self._reader: Optional[StoreReader] = None
+        self._pid = None
+        reader = self.reader
+        self.keys = reader.keys(split)
+        self.manifest = reader.manifest
+        names = target_names(self.manifest)
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise ValueError(f"{self.dir}: unknown targets {missing}; known: {names}")
+        self.target_index = [names.index(t) for t in targets]
+        self.disease_index = [DISEASES.index(d) for d in diseases]
+        self.kspace = None
+        if task != "modality_view":  # labels read once: a sample then costs one image (+ seg) read
+            self._targets_tab, self._diseases_tab = self.targets_table(), self.diseases_table()
+            self._seg_valid = self._rows("seg_valid").astype(bool) if self.keys else np.zeros((0, 0), bool)
+        if task == "modality_view":
+            self.kspace = KSpaceTransform(self.augment, kspace or MetaCLIPConfig(), seed, train=train)
+
+    @property
+    def reader(self) -> StoreReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = StoreReader(self.dir), os.getpid()
+        return self._reader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _rows(self, name: str) -> np.ndarray:
+        """One Zarr array's rows of this split, in key order (one read, no images)."""
+        rows = [self.reader.rows[k] for k in self.keys]
+        return np.asarray(self.reader.group[name].get_orthogonal_selection((rows,)))
+
+    def targets_table(self) -> np.ndarray:
+        """(N, targets) raw regression targets of the split (NaN missing)."""
+        if not self.keys:
+            return np.zeros((0, len(self.target_index)), np.float32)
+        values = np.concatenate([self._rows("phenotypes"), self._rows("tabular")], axis=1)
+        return values[:, self.target_index].astype(np.float32)
+
+    def diseases_table(self) -> np.ndarray:
+        """(N, diseases) labels of the split: 1 / 0, -1 unknown."""
+        if not self.keys:
+            return np.zeros((0, len(self.disease_index)), np.int64)
+        return self._rows("diseases")[:, self.disease_index].astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        key = self.keys[i]
+        if self.kspace is not None:
+            out = self.kspace.apply(self.reader.kspace(key), self.epoch)
+            return {k: out[k] for k in ("image", "valid", "modality", "view", "view_valid", "key")}
+        g = self.reader.group
+        P, T = g["image"].shape[1:3]
+        offset = self.frame_offset
+        if self.train and self.task == "segmentation":  # every stored frame is learned over the epochs
+            offset = _Rand(_TAG_FRAMES, self.seed, self.epoch, _key_word(key)).below(max(1, T // self.vit.frames))
+        frames = select_frames(T, self.vit.frames, offset)
+        sel = (self.reader.rows[key], slice(None), frames.tolist())
+        prm = augment_params(self.seed, key, self.epoch, P, T, self.augment)
+        arrays = None if self._cache is None else self._cache.get((key, offset))
+        if arrays is None:
+            arrays = (np.asarray(g["image"].get_orthogonal_selection(sel), np.float32),
+                      np.asarray(g["seg"].get_orthogonal_selection(sel), np.uint8) if self.task == "segmentation"
+                      else None)
+            if self._cache is not None:
+                self._cache[(key, offset)] = arrays
+        image = torch.from_numpy(arrays[0].copy())
+        seg = None if arrays[1] is None else torch.from_numpy(arrays[1].copy())
+        image, seg = augment_image(image, prm["angles"], prm["flips"], prm["gamma"], seg)
+        out = {"image": image.contiguous(), "key": key, "frames": torch.from_numpy(frames),
+               "targets": torch.from_numpy(self._targets_tab[i]), "diseases": torch.from_numpy(self._diseases_tab[i])}
+        if seg is not None:
+            out["seg"] = seg.long().contiguous()
+            out["seg_valid"] = torch.from_numpy(self._seg_valid[i].copy())
+        return out
+
+
+def loader(ds: SubjectDataset, batch_size: int, workers: int, shuffle: bool, seed: int, epoch: int = 0
+           ) -> DataLoader:
+    """Exact epochs: a fresh permutation per (seed, epoch) when shuffling; the last partial batch is kept."""
+    ds.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      collate_fn=collate, persistent_workers=False, drop_last=False)

@@ -1,0 +1,166 @@
+"""Downstream models: a pretrained (or fresh) image encoder + a task decoder (ViTa Sec. 3.3 / 4.2, MetaCLIP-CMR).
+
+  phenotypes     mean-pooled tokens -> one two-layer MLP (256) regressing every z-scored target at once
+  diseases       mean-pooled tokens -> one light two-layer MLP per disease (a logit each)
+  segmentation   UNETR-style decoder (MONAI's UNETR blocks) with skips from intermediate encoder blocks, per plane,
+                 the frames as channels in and out: logits (B, P, T, classes, H, W) in one label space
+  modality_view  per-image features mean-pooled over a sequence -> modality and view heads
+A linear probe swaps the MLPs for one Linear layer. Encoders: this project's ViT (from an export, a pretraining
+run directory, or from scratch) or, as the ViTa baseline, MONAI's 2D ResNet-50 with planes x frames as input
+channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from data_prep.format import LABELS
+from pretrain.config import ViTConfig
+from pretrain.models.metaclip import pool_sequences
+from pretrain.models.vit import ViTEncoder, token_grid
+
+N_MODALITIES, N_VIEWS = 5, 5  # data_prep.preprocess_kspace MODALITIES / VIEWS (label ids in the store)
+
+
+def mlp(in_dim: int, hidden: int, out: int) -> nn.Module:
+    """ViTa's decoder for tabular targets and diseases: a two-layer MLP; hidden 0 -> one Linear (linear probe)."""
+    if hidden <= 0:
+        return nn.Linear(in_dim, out)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+class ResNetEncoder(nn.Module):
+    """ViTa's ResNet-50 baseline: MONAI's 2D ResNet-50, all planes x frames of a subject as input channels."""
+
+    def __init__(self, vit: ViTConfig):
+        super().__init__()
+        from monai.networks.nets import resnet50
+
+        self.net = resnet50(spatial_dims=2, n_input_channels=(vit.sa_planes + vit.la_planes) * vit.frames,
+                            feed_forward=False)
+        self.dim = 2048
+
+    def pooled(self, images: Tensor) -> Tensor:
+        return self.net(images.flatten(1, 2))
+
+
+class UNETRDecoder(nn.Module):
+    """UNETR (Hatamizadeh et al.) on each plane of the ViT: tokens at H/p -> H, with skips from intermediate
+    blocks (deconvolved to H/2^l) and from the input frames at full resolution. One temporal token per plane
+    (frames == patch_t): the T frames are the input channels and T x classes the output channels."""
+
+    def __init__(self, vit: ViTConfig, num_classes: int, width: int):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+        gt, gh, gw = token_grid(vit)
+        p = vit.patch[1]
+        if gt != 1 or vit.patch[1] != vit.patch[2] or p & (p - 1):
+            raise ValueError(f"the UNETR decoder needs one temporal token and a square power-of-two patch, got "
+                             f"patch {vit.patch} over {vit.frames} frames")
+        levels = int(math.log2(p))
+        self.vit, self.classes, self.levels = vit, num_classes, levels
+        ch = [max(8, width >> (levels - 1 - lv)) for lv in range(levels)]  # full res ... H/2^(L-1); width deepest
+        # blocks whose outputs feed the skips at H/2^1 .. H/2^(L-1): evenly spaced, the last block is the bottleneck
+        self.skip_blocks = [round(vit.depth * lv / levels) - 1 for lv in range(1, levels)]
+        kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
+        self.enc0 = UnetrBasicBlock(in_channels=vit.frames, out_channels=ch[0], stride=1, **kw)
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(in_channels=vit.dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
+                           upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(in_channels=vit.dim if lv == levels - 1 else ch[lv + 1], out_channels=ch[lv],
+                         upsample_kernel_size=2, **kw) for lv in range(levels - 1, -1, -1))
+        self.out = UnetOutBlock(spatial_dims=2, in_channels=ch[0], out_channels=vit.frames * num_classes)
+
+    def forward(self, images: Tensor, hidden: list[Tensor]) -> Tensor:
+        """images (B, P, T, H, W); hidden: outputs of `skip_blocks` then the final (normed) tokens."""
+        B, P, T, H, W = images.shape
+        p = self.vit.patch[1]
+
+        def grid(tokens: Tensor) -> Tensor:  # (B, P*gh*gw, D) -> (B*P, D, gh, gw)
+            return tokens.reshape(B * P, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous()
+
+        skips = [self.enc0(images.flatten(0, 1))] + [blk(grid(h)) for blk, h in zip(self.skips, hidden[:-1])]
+        x = grid(hidden[-1])
+        for up, skip in zip(self.ups, reversed(skips)):
+            x = up(x, skip)
+        return self.out(x).reshape(B, P, T, self.classes, H, W)
+
+
+class FinetuneModel(nn.Module):
+    def __init__(self, task: str, encoder: nn.Module, vit: ViTConfig, *, n_out: int = 0, hidden: int = 256,
+                 seg_width: int = 576):
+        super().__init__()
+        self.task, self.encoder, self.vit = task, encoder, vit
+        dim = encoder.dim if isinstance(encoder, ResNetEncoder) else (
+            2048 if not isinstance(encoder, ViTEncoder) else vit.dim)
+        if task == "phenotypes":
+            self.head = mlp(dim, hidden, n_out)
+        elif task == "diseases":
+            self.heads = nn.ModuleList(mlp(dim, hidden, 1) for _ in range(n_out))
+        elif task == "segmentation":
+            if not isinstance(encoder, ViTEncoder):
+                raise ValueError("segmentation needs the ViT encoder")
+            self.decoder = UNETRDecoder(vit, len(LABELS), seg_width)
+        elif task == "modality_view":
+            self.modality, self.view = mlp(dim, hidden, N_MODALITIES), mlp(dim, hidden, N_VIEWS)
+        else:
+            raise ValueError(f"unknown task {task!r}")
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def features(self, batch: dict) -> Tensor:
+        """The pooled embedding of each sample (B, dim): what the heads, t-SNE and `finetune embed` see."""
+        if self.task == "modality_view":
+            return pool_sequences(self.encoder, batch["image"], batch["valid"])
+        if isinstance(self.encoder, ResNetEncoder):
+            return self.encoder.pooled(batch["image"])
+        return self.encoder.forward_features(batch["image"]).mean(dim=1)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        if self.task == "segmentation":
+            idx = self.decoder.skip_blocks + [len(self.encoder.blocks) - 1]
+            hidden = self.encoder.intermediate_layers(batch["image"], idx)
+            hidden[-1] = self.encoder.norm(hidden[-1])
+            return {"seg": self.decoder(batch["image"], hidden)}
+        f = self.features(batch)
+        if self.task == "phenotypes":
+            return {"targets": self.head(f), "features": f}
+        if self.task == "diseases":
+            return {"logits": torch.cat([h(f) for h in self.heads], dim=1), "features": f}
+        return {"modality": self.modality(f), "view": self.view(f), "features": f}
+
+
+def layer_id(name: str, depth: int) -> int:
+    """ViT layer of a parameter for layer-wise lr decay: patch embedding 0, block i -> i + 1, the rest depth + 1."""
+    if name.startswith("encoder.patch_embed"):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def param_groups(model: FinetuneModel, lr: float, weight_decay: float, encoder_scale: float = 1.0,
+                 layer_decay: Optional[float] = None) -> list[dict]:
+    """AdamW groups: encoder parameters at lr * encoder_scale (x layer_decay^(depth + 1 - layer) when set), heads
+    at lr; no weight decay on biases and norms. Frozen parameters are left out."""
+    depth = model.vit.depth
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("encoder."):
+            scale = encoder_scale
+            if layer_decay is not None and isinstance(model.encoder, ViTEncoder):
+                scale *= layer_decay ** (depth + 1 - layer_id(name, depth))
+        wd = 0.0 if p.ndim < 2 else weight_decay
+        g = groups.setdefault((scale, wd), {"params": [], "lr": lr * scale, "weight_decay": wd, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
