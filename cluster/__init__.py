@@ -1,1 +1,1 @@
-"""cluster"""
+"""cluster: submitit launchers for SLURM (and this machine): pretraining, fine-tuning, Ray data prep."""

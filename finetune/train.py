@@ -249,6 +249,10 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     data = datasets(cfg, cfg.model)
+    empty = [split for split, ds in data.items() if len(ds) == 0]
+    if empty:
+        raise ValueError(f"{cfg.data.dataset}: no subjects in the {empty} split(s); fine-tuning needs train, val and "
+                         f"test (convert with job.val_fraction and job.test_fraction > 0)")
     if cfg.baseline == "mean_guess":
         result = {"task": cfg.task.name, "method": "mean_guess", "test": mean_guess(cfg, data)}
         atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, default=float))

@@ -502,6 +502,16 @@ def _identity(x):
     return x
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 / SIGUSR2 to the training process: SLURM signals every process
+    of a task (scancel, preemption, the pre-timeout signal), and a worker killed by it would crash the trainer
+    before it can save its checkpoint."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 # --- one rank's dataset and loader ----------------------------------------------------------------------------
 class RankDataset(IterableDataset):
     """The samples of one rank: in a DataLoader worker k, slot rank * K + (k + consumed) % K from its position."""
@@ -571,6 +581,8 @@ class ResumableLoader:
         kw: dict[str, Any] = dict(batch_size=None, collate_fn=_identity, num_workers=self.workers,
                                   persistent_workers=False, in_order=True,
                                   generator=torch.Generator().manual_seed(self.seed))
+        if self.workers > 0:
+            kw["worker_init_fn"] = _ignore_stop_signals
         if self.workers > 0:
             kw["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.workers))  # ~2 batches in flight
         it = iter(DataLoader(ds, **kw))

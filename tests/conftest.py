@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,26 @@ def cohort60(tmp_path_factory, ray_cluster) -> Path:
     assert convert_ukb_tiny(src, out, block_size=4, val=0.2, test=0.2) == 60
     shutil.rmtree(src / "ukb")  # 1.2 GB of NIfTI, no longer needed
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def slurm_problem() -> str | None:
+    """None when a SLURM controller answers (the SLURM tests run), else why not (they skip with it)."""
+    for tool in ("sinfo", "scontrol", "sbatch", "srun", "scancel"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found: no SLURM here (start one with `bash cluster/local_slurm.sh start`)"
+    try:
+        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`scontrol ping` failed: {e}"
+    if res.returncode != 0 or "is UP" not in res.stdout:
+        said = ((res.stdout + res.stderr).strip().splitlines() or ["no output"])[0][:200]
+        return (f"no SLURM controller answers `scontrol ping` ({said}); "
+                "start one with `bash cluster/local_slurm.sh start`")
+    res = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a %T"], capture_output=True, text=True, timeout=20)
+    states = res.stdout.split()
+    if res.returncode != 0 or not states or states[0] != "up":
+        return f"partition `debug` is not up: {res.stdout.strip()!r} {res.stderr.strip()!r}"
+    if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in states[1:]):
+        return f"no usable node in partition `debug` (states: {states[1:]})"
+    return None

@@ -9,10 +9,8 @@ reads UNKNOWN; results and requeues are followed through submitit's files and `s
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,26 +28,7 @@ pytestmark = pytest.mark.slurm
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@functools.lru_cache(maxsize=1)
-def _cluster_problem() -> str | None:
-    """None when a SLURM controller answers, else why not."""
-    for tool in ("sinfo", "scontrol", "sbatch", "srun"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found: no SLURM here (start one with `bash cluster/local_slurm.sh start`)"
-    try:
-        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`scontrol ping` failed: {e}"
-    if res.returncode != 0 or "is UP" not in res.stdout:
-        said = ((res.stdout + res.stderr).strip().splitlines() or ["no output"])[0][:200]
-        return f"no SLURM controller answers `scontrol ping` ({said}); start one with `bash cluster/local_slurm.sh start`"
-    res = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a %T"], capture_output=True, text=True, timeout=20)
-    states = res.stdout.split()
-    if res.returncode != 0 or not states or states[0] != "up":
-        return f"partition `debug` is not up: {res.stdout.strip()!r} {res.stderr.strip()!r}"
-    if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in states[1:]):
-        return f"no usable node in partition `debug` (states: {states[1:]})"
-    return None
+from conftest import slurm_problem as _cluster_problem  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
