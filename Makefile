@@ -83,8 +83,9 @@ slurm:
 	bash cluster/local_slurm.sh install && bash cluster/local_slurm.sh start \
 		|| echo "no local SLURM cluster: the SLURM tests will be skipped"
 
+# CMRFM_SLURM_TIMELIMIT=1: also the ~3 min test of a job that reaches its real SLURM time limit
 test: install slurm
-	$(BIN)/python -m pytest -q
+	CMRFM_SLURM_TIMELIMIT=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs
