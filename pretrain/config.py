@@ -61,6 +61,11 @@ class TabularConfig:
     temperature: float = 0.1
     loss_weight: float = 0.5  # lambda between the image->table and table->image terms
     corruption: float = 0.0
+    # "batchnorm": centre and scale the pooled image features over the batch before the projection (BatchNorm1d
+    # without affine). A Stage I encoder's mean-pooled features can share a large common component (measured on
+    # the demo: ~1 % variation between subjects), which leaves the CLIP loss at chance for many steps; the paper's
+    # head is the plain projection ("none")
+    image_feature_norm: Literal["none", "batchnorm"] = "none"
 
 
 @dataclass

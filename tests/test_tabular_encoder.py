@@ -227,3 +227,25 @@ def test_runs_on_normalise_tabular_output():
     enc = encoder()
     out = enc.pooled(values, missing)
     assert out.shape == (5, 40) and torch.isfinite(out).all()
+
+
+def test_image_feature_batchnorm_removes_the_common_component():
+    """Stage II's optional image-feature normalisation: pooled features that share a large common vector (as a
+    Stage I encoder's can) come out of the norm centred per channel over the batch; "none" is the paper's head."""
+    from pretrain.config import ViTConfig
+    from pretrain.models.clip import ImageTabularCLIP
+
+    vit = ViTConfig(img_size=16, sa_planes=1, la_planes=1, frames=5, patch=(5, 8, 8), dim=32, depth=1, heads=4)
+    torch.manual_seed(0)
+    plain = ImageTabularCLIP(vit, cfg(image_feature_norm="none"), schema())
+    normed = ImageTabularCLIP(vit, cfg(image_feature_norm="batchnorm"), schema())
+    assert isinstance(plain.image_norm, torch.nn.Identity)
+    pooled = torch.full((8, 32), 5.0) + 0.1 * torch.randn(8, 32)  # a common component, 2 % variation
+    out = normed.image_norm(pooled)
+    assert out.mean(0).abs().max() < 1e-4 and (out.std(0, correction=0) - 1).abs().max() < 0.01
+    assert sum(p.numel() for p in normed.image_norm.parameters()) == 0  # no affine: nothing else to learn
+    values, missing = batch(B=4)
+    images = torch.rand(4, 2, 5, 16, 16)
+    res = normed(images, values, missing, generator=torch.Generator().manual_seed(0))
+    res["loss"].backward()
+    assert torch.isfinite(res["loss"]) and normed.image_proj.proj.weight.grad.abs().sum() > 0

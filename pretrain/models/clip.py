@@ -41,6 +41,8 @@ class ImageTabularCLIP(nn.Module):
         self.cfg = tab
         self.encoder = ViTEncoder(vit)  # named like the MAE's, so exports and loaders treat both alike
         self.tabular = TabularEncoder(schema, tab)
+        self.image_norm = (nn.BatchNorm1d(vit.dim, affine=False) if tab.image_feature_norm == "batchnorm"
+                           else nn.Identity())
         self.image_proj = ProjectionHead(vit.dim, tab.projection_dim)
         self.tabular_proj = ProjectionHead(tab.dim, tab.projection_dim)
 
@@ -53,13 +55,13 @@ class ImageTabularCLIP(nn.Module):
 
     def embed(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor) -> dict[str, Tensor]:
         """Both embeddings (B, projection_dim), not normalised, the whole image (no masking): for evaluation."""
-        z_img = self.image_proj(self.encoder(images)[0].mean(dim=1))
+        z_img = self.image_proj(self.image_norm(self.encoder(images)[0].mean(dim=1)))
         return {"image": z_img, "tabular": self.tabular_proj(self.tabular.pooled(tab_values, tab_missing))}
 
     def forward(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor,
                 generator: Optional[torch.Generator] = None) -> dict:
         latent, _, _ = self.encoder(images, mask_ratio=self.cfg.image_mask_ratio, generator=generator)
-        z_img = self.image_proj(latent.mean(dim=1))
+        z_img = self.image_proj(self.image_norm(latent.mean(dim=1)))
         z_tab = self.tabular_proj(self.tabular.pooled(tab_values, tab_missing, generator=generator))
         loss = clip_loss(z_img, z_tab, temperature=self.cfg.temperature, weight=self.cfg.loss_weight)
         with torch.no_grad():  # local retrieval accuracy: does each image pick its own table row in the batch?
