@@ -60,7 +60,7 @@ $(D)/metaclip/encoder.safetensors: $(D)/data/kspace/manifest.json $(D)/stage1/en
 
 $(D)/finetune/phenotypes/comparison.json: $(D)/stage2/encoder.safetensors
 	$(BIN)/python -m finetune compare --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
-		out=$(D)/finetune/phenotypes optim.epochs=20 --method vita=$(D)/stage2 --method mae=$(D)/stage1 \
+		out=$(D)/finetune/phenotypes optim.epochs=40 --method vita=$(D)/stage2 --method mae=$(D)/stage1 \
 		--baselines mean_guess,vit_scratch
 
 $(D)/finetune/diseases/metrics.json: $(D)/stage2/encoder.safetensors
