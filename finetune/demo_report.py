@@ -75,10 +75,7 @@ def build(demo: str | Path) -> Path:
                 says.append(f"- `{m}`: average MAE {avg[m]:.3f}, {change:+.1f} % against mean-guess "
                             f"({avg['mean_guess']:.3f}): {verdict} mean-guess.")
         sections.append(("Phenotypes: test MAE (ViTa Table 1 shape)", table + "\n\n" + "\n".join(says)))
-        for m in ("vita", "mae", "vit_scratch"):
-            for name in ("regression.png", "tsne.png"):
-                if (ft / "phenotypes" / m / "figures" / name).is_file() and m == "vita":
-                    figs.append(ft / "phenotypes" / m / "figures" / name)
+        figs += [ft / "phenotypes" / "vita" / "figures" / name for name in ("regression.png", "tsne.png")]
     dis = ft / "diseases" / "metrics.json"
     if dis.is_file():
         res = json.loads(dis.read_text())

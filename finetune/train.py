@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.config import save_resolved_config
-from data_prep.format import DISEASES, LABELS, LA_VIEWS
+from data_prep.format import LABELS, LA_VIEWS
 from data_prep.fsutil import atomic_path, atomic_write_text
 from finetune import figures, metrics, report
 from finetune.config import FinetuneConfig
-from finetune.data import SubjectDataset, loader, target_names
+from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel, ResNetEncoder, param_groups
 from pretrain.config import MetaCLIPConfig
 from pretrain.models.vit import ViTEncoder
@@ -259,7 +259,8 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
         return result
     n_out = len(cfg.task.targets) if cfg.task.name == "phenotypes" else len(cfg.task.diseases)
     model, enc_meta = build_model(cfg, n_out)
-    data = datasets(cfg, model.vit)  # the encoder's frames / planes
+    for ds in data.values():  # samples at the loaded encoder's frames (the label tables are read once)
+        ds.vit = model.vit
     model.to(device)
     stats: dict = {}
     if cfg.task.name == "phenotypes":

@@ -186,7 +186,9 @@ def test_metaclip_trains_on_two_ranks_resumes_exactly_and_exports(kspace24, tmp_
     res = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run)], cwd=ROOT, env=_env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    meta = json.loads(json.dumps(__import__("yaml").safe_load((run / "encoder_config.yaml").read_text())))
+    import yaml
+
+    meta = yaml.safe_load((run / "encoder_config.yaml").read_text())
     assert meta["stage"] == "metaclip" and meta["architecture"] == "vit"
     assert meta["provenance"][0]["run"] == str(run.resolve()) and len(meta["provenance"]) == 1
     acc, chance = _probe_accuracy(run, kspace24)
