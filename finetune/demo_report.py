@@ -88,9 +88,10 @@ def build(demo: str | Path) -> Path:
     seg = ft / "segmentation" / "metrics.json"
     if seg.is_file():
         res = json.loads(seg.read_text())
-        sections.append(("Segmentation: test Dice / HD95 (mm), all planes, all frames scored",
+        sections.append(("Segmentation: test Dice / HD95 (mm), all planes",
                          report.segmentation_table({"vita": res["test"]["per_structure"]}) +
-                         f"\n\nFrames scored per plane: {res['test'].get('frames_scored')}."))
+                         f"\n\nFrames scored per plane: {res['test'].get('frames_scored')} (of the"
+                         f" {res['test'].get('frames_stored', '?')} stored)."))
         figs.append(ft / "segmentation" / "figures" / "segmentation.png")
     mv = ft / "modality_view" / "metrics.json"
     if mv.is_file():

@@ -175,7 +175,7 @@ def _assemble_segmentation(out: dict, ds: SubjectDataset, seg_dir: Optional[Path
             images.append(img)
     frames_scored = done.all(axis=0)  # frames every subject has (all T, or the 5 of one pass)
     return {"key": out["key"], "pred": pred[:, :, frames_scored], "true": true[:, :, frames_scored], "valid": valid,
-            "images": np.concatenate(images), "frames_scored": int(frames_scored.sum())}
+            "images": np.concatenate(images), "frames_scored": int(frames_scored.sum()), "frames_stored": T}
 
 
 def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, spacing=None,
@@ -198,7 +198,7 @@ def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, sp
     if task == "segmentation":
         res = metrics.segmentation_metrics(pred["pred"], pred["true"], pred["valid"], STRUCTURES, spacing)
         dice = [r["dice"] for r in res.values() if not math.isnan(r["dice"])]
-        return {"per_structure": res, "frames_scored": pred["frames_scored"],
+        return {"per_structure": res, "frames_scored": pred["frames_scored"], "frames_stored": pred["frames_stored"],
                 "primary": float(np.mean(dice)) if dice else float("nan")}
     ok = pred["view"] >= 0
     res = {"modality_accuracy": metrics.accuracy(pred["modality_pred"], pred["modality"]),

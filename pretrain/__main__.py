@@ -20,11 +20,18 @@ configs/pretrain/ holds the paper-scale configs (vita_stage1, vita_stage2, metac
 """
 
 
+# sysexits' EX_TEMPFAIL: stopped by a signal before the last step, checkpoint saved; the same command resumes.
+# Not 0, so that a chained `train && export` (make demo) does not export an unfinished run.
+EXIT_STOPPED = 75
+
+
 def _train(args) -> int:
     from pretrain.train import train
 
     result = train(config_from_args(PretrainConfig, args))
-    return 0 if result["step"] > 0 or result["stopped"] else 1
+    if result["stopped"]:
+        return EXIT_STOPPED
+    return 0 if result["step"] > 0 else 1
 
 
 def _export(args) -> int:

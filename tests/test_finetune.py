@@ -57,7 +57,8 @@ def test_segmentation_learns_all_planes(cohort60, tmp_path):
                    "data.batch_size=2"), progress=False)
     per = run["test"]["per_structure"]
     assert set(per) == {"LV", "MYO", "RV", "LA", "RA"}
-    assert run["test"]["frames_scored"] > 5  # all-frame evaluation: shifted passes over the stored frames
+    # all-frame evaluation: shifted passes over the stored frames
+    assert 5 < run["test"]["frames_scored"] <= run["test"]["frames_stored"]
     # the ventricles are learned in this short CPU run (measured: LV 0.56, MYO 0.58, RV 0.54); the atria, labelled
     # only on the long-axis views, need longer training
     assert all(per[s]["dice"] > 0.45 and np.isfinite(per[s]["hd95"]) for s in ("LV", "MYO", "RV")), per

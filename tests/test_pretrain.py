@@ -158,6 +158,7 @@ def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):
 
 def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp_path):
     """What SLURM does before a time limit: a signal; the run checkpoints at the next step and stops."""
+    from pretrain.__main__ import EXIT_STOPPED
     from pretrain.checkpoint import latest_tag
 
     run = tmp_path / "run"
@@ -170,7 +171,7 @@ def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp
         time.sleep(0.2)
     p.send_signal(signal.SIGUSR1)
     out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == EXIT_STOPPED, out[-3000:]  # not 0: `train && export` must not export an unfinished run
     assert "SIGUSR1: checkpoint saved at step" in out and "world 1" in out
     tag = latest_tag(run / "checkpoints")
     stopped = int(tag.removeprefix("step"))

@@ -1,0 +1,90 @@
+"""`make demo` itself, end to end at smoke scale: the real Makefile and every stage of the main job (synthetic
+cohort → Ray conversion → Stage I → Stage II → MetaCLIP-CMR on 2 DeepSpeed CPU ranks → fine-tuning → report),
+interrupted with Ctrl-C during Stage I and run again. The second `make demo` must resume Stage I from its
+checkpoint (not start over, not skip it), finish the pipeline and write the report; a third finds nothing to do.
+
+The smoke scale only shrinks the cohort and the epochs, through the Makefile's SYNTH_ARGS / PRETRAIN_ARGS /
+FINETUNE_ARGS; the commands, configs and file targets are the demo's own. About 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["SYNTH_ARGS=subjects=24 kspace_scans=10",
+         # Stage I: ~40 steps with a checkpoint every 5, so that Ctrl-C lands between two checkpoints
+         "PRETRAIN_ARGS=train.epochs=20 checkpoint.every_steps=5",
+         "FINETUNE_ARGS=optim.epochs=2 protocol.probe_epochs=1 data.eval_all_frames=false"]
+
+
+def _make(demo: Path, *args: str) -> list[str]:
+    # the interpreter running the tests (make test: the project's .venv)
+    return ["make", "--no-print-directory", *args, f"DEMO_DIR={demo}", f"BIN={Path(sys.executable).parent}", *SMOKE]
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Every process the interrupted make started (torchrun, ranks, loader workers) has exited."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(pgid, signal.SIGKILL)
+    pytest.fail(f"processes of the interrupted make still running after {timeout} s")
+
+
+def _steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "split" not in r]
+
+
+@pytest.mark.skipif(not (ROOT / ".venv/.installed-stamp").exists(), reason="run through `make test`")
+def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
+    from pretrain.checkpoint import latest_tag
+
+    demo = tmp_path / "demo"
+    log = open(tmp_path / "first.log", "w")
+    p = subprocess.Popen(_make(demo, "demo"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    ckpts = demo / "stage1" / "checkpoints"
+    deadline = time.time() + 900
+    while latest_tag(ckpts) is None:
+        assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no Stage I checkpoint within 15 min"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground process group
+    p.wait(timeout=300)
+    _wait_group_gone(p.pid, timeout=120)
+    first = (tmp_path / "first.log").read_text()
+    assert p.returncode != 0, first[-3000:]
+    assert not (demo / "stage1" / "encoder.safetensors").exists(), "an interrupted stage must not be exported"
+    tag = latest_tag(ckpts)
+    interrupted_at = int(tag.removeprefix("step"))
+
+    second = subprocess.run(_make(demo, "demo"), cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-5000:]
+    # Stage I continued from the checkpoint the interrupt left; the conversion before it was not redone
+    assert f"resumed from {tag} at step {interrupted_at}" in out, out[-5000:]
+    assert "-m data_prep synth" not in out and "-m data_prep ukb" not in out
+    steps = _steps(demo / "stage1")
+    assert steps == sorted(set(steps)), f"Stage I steps logged twice or out of order: {steps}"
+    report = (demo / "report.md").read_text()
+    for section in ("Phenotype", "Disease", "Segmentation", "Modality"):
+        assert section.lower() in report.lower(), f"{section} missing from the report"
+    assert list(demo.glob("**/*.png")), "no figures"
+
+    # a third run has nothing left to do
+    third = subprocess.run(_make(demo, "-q", str(demo / "report.md")), cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout + third.stderr
