@@ -266,3 +266,33 @@ def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
     bad = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", "checkpoint.init_from=" + str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
         build_model(bad, shards)
+
+
+def test_pretraining_continues_when_the_cohort_grows(tiny_cohort, ray_cluster, tmp_path):
+    """Scaling to more subjects: a run on 2 converted subjects, the conversion re-run on a source with 4 (it appends
+    2, the old shards untouched), the same command again: it resumes from the last checkpoint, says the data
+    changed, and trains on the grown cohort for the epochs' new length, every step logged once."""
+    from conftest import convert_ukb_tiny
+
+    src = tmp_path / "src"
+    (src / "ukb").mkdir(parents=True)
+    shutil.copy(tiny_cohort / "ukb_tabular.csv", src / "ukb_tabular.csv")
+    subjects = sorted(p.name for p in (tiny_cohort / "ukb").iterdir())
+    for name in subjects[:2]:
+        shutil.copytree(tiny_cohort / "ukb" / name, src / "ukb" / name)
+    data = tmp_path / "data"
+    assert convert_ukb_tiny(src, data, block_size=1, val=0.0, test=0.0) == 2
+    run = tmp_path / "run"
+    steps = ["train.epochs=4", "train.global_batch=2", "train.micro_batch=1", "train.log_every=1"]
+    out = _run(run, data, *steps)
+    assert "4 steps" in out and sorted(_metrics(run)) == [1, 2, 3, 4]
+
+    for name in subjects[2:]:
+        shutil.copytree(tiny_cohort / "ukb" / name, src / "ukb" / name)
+    assert convert_ukb_tiny(src, data, block_size=1, val=0.0, test=0.0) == 2  # the 2 new subjects only
+    out = _run(run, data, *steps)
+    assert "8 steps" in out and "resumed from step00000004 at step 4" in out, out[-3000:]
+    assert "the dataset changed (2 -> 4 samples per epoch)" in out, out[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["samples"] == 16
