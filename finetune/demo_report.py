@@ -29,7 +29,7 @@ def pretraining_section(demo: Path, fig_dir: Path) -> tuple[str, list[Path]]:
     lines, figs = [], []
     stages = [("Stage I (MAE)", "stage1", ["loss", "psnr"]), ("Stage II (image-tabular CLIP)", "stage2", ["loss", "acc"]),
               ("MetaCLIP-CMR", "metaclip", ["loss", "acc"])]
-    table = []
+    table, says = [], []
     for title, name, keys in stages:
         rows = _rows(demo / name / "metrics.jsonl")
         train = [r for r in rows if r.get("split", "train") == "train"]
@@ -46,10 +46,30 @@ def pretraining_section(demo: Path, fig_dir: Path) -> tuple[str, list[Path]]:
             row["note"] = ("loss moved off chance" if last["loss"] < 0.95 * first["loss"] else
                            "loss stayed at its starting (chance) level")
         table.append(row)
+        says += _retrieval_statement(title, val)
         figs.append(figures.training_curves(train, keys, fig_dir / f"pretrain_{name}.png"))
     cols = ["stage", "steps", "loss first", "loss last", "psnr last", "acc last", "val retrieval top-1", "note"]
     lines.append(report.markdown_table(table, [c for c in cols if any(c in r for r in table)]))
+    lines += ["", *says] if says else []
     return "\n".join(lines), figs
+
+
+def _retrieval_statement(title: str, val: list[dict]) -> list[str]:
+    """Image-to-X validation top-1 over the run: best and last against chance (1 / candidates)."""
+    key = next((k for k in (val[0] if val else {}) if k.startswith("image_to_") and k.endswith("_top1")), None)
+    if key is None:
+        return []
+    candidates = val[-1].get("sentences", val[-1].get("n"))  # image -> text: the distinct sentences
+    chance = 1 / candidates
+    best = max(val, key=lambda r: r[key])
+    last = val[-1][key]
+
+    def verdict(v: float) -> str:
+        return f"{v / chance:.1f}x chance" if v >= 1.5 * chance else "at chance level"
+
+    return [f"- {title}: validation {key.removesuffix('_top1').replace('_', ' ')} top-1 over {candidates} candidates "
+            f"(chance {chance:.3f}): best {best[key]:.2f} at step {best['step']} ({verdict(best[key])}), last "
+            f"{last:.2f} at step {val[-1]['step']} ({verdict(last)})."]
 
 
 def build(demo: str | Path) -> Path:

@@ -84,7 +84,21 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     for section in ("Phenotype", "Disease", "Segmentation", "Modality"):
         assert section.lower() in report.lower(), f"{section} missing from the report"
     assert list(demo.glob("**/*.png")), "no figures"
+    assert "Stage II (image-tabular CLIP): validation image to table top-1 over" in report
 
     # a third run has nothing left to do
     third = subprocess.run(_make(demo, "-q", str(demo / "report.md")), cwd=ROOT, capture_output=True, text=True)
     assert third.returncode == 0, third.stdout + third.stderr
+
+
+def test_report_states_retrieval_against_chance():
+    from finetune.demo_report import _retrieval_statement
+
+    val = [{"step": 50, "n": 15, "image_to_table_top1": 0.2, "table_to_image_top1": 0.2},
+           {"step": 90, "n": 15, "image_to_table_top1": 1 / 15, "table_to_image_top1": 0.1}]
+    (line,) = _retrieval_statement("Stage II", val)
+    assert "over 15 candidates (chance 0.067)" in line
+    assert "best 0.20 at step 50 (3.0x chance)" in line and "last 0.07 at step 90 (at chance level)" in line
+    text = [{"step": 40, "n": 12, "sentences": 8, "image_to_text_top1": 0.5}]  # chance: 1 / distinct sentences
+    assert "over 8 candidates (chance 0.125): best 0.50 at step 40 (4.0x chance)" in _retrieval_statement("M", text)[0]
+    assert _retrieval_statement("Stage I", []) == []
