@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from pretrain.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +25,56 @@ def update_benchmarks(text: str, header: str) -> None:
         doc = doc.rstrip("\n") + "\n\n" + text
     path.write_text(doc)
     print(f"updated {path} ({header})")
+
+
+def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Module:
+    """The stage's model through the trainer's own `build_model`, with random weights (`checkpoint.init_from` is
+    ignored: speed and memory do not depend on the values). Stage II needs the dataset's tabular schema: from
+    `dataset` when given, else the one the UK Biobank conversion writes (configs/data_prep/ukb_features.yaml,
+    117 features) in a throw-away manifest; `build_model` reads only its schema, the statistics are the loader's."""
+    import dataclasses
+    import json
+    import tempfile
+
+    from pretrain.train import build_model
+
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None))
+    if dataset is not None or cfg.stage != "tabular_clip":
+        return build_model(cfg, dataset or cfg.data.dataset)
+    from data_prep.tabular import feature_schema, load_feature_spec
+
+    schema = feature_schema(load_feature_spec(ROOT / "configs/data_prep/ukb_features.yaml"))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "manifest.json").write_text(json.dumps({"tabular": {"features": schema, "stats": {}}}))
+        return build_model(cfg, Path(tmp))
+
+
+def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """An in-memory batch as the stage's loader yields it (images in [0, 1]; Stage II: normalised tabular values,
+    valid category indices, 20 % missing), through the trainer's `model_inputs`."""
+    import torch
+
+    from pretrain.train import model_inputs
+
+    m = cfg.model
+    out = {"image": torch.rand(batch, m.sa_planes + m.la_planes, m.frames, m.img_size, m.img_size)}
+    if cfg.stage == "tabular_clip":
+        schema = model.tabular.schema
+        values = torch.randn(batch, len(schema))
+        for f in schema:
+            if f["num_categories"]:
+                values[:, f["index"]] = torch.randint(0, f["num_categories"], (batch,)).float()
+        out.update(tabular_values=values, tabular_missing=torch.rand(batch, len(schema)) < 0.2)
+    elif cfg.stage != "mae":
+        raise ValueError(f"stage {cfg.stage!r}: no in-memory batches (Stage I and II only)")
+    return model_inputs(cfg, out, device, dtype)
+
+
+def train_flops(cfg: PretrainConfig, model: torch.nn.Module) -> float | None:
+    """Training FLOPs per sample, as the trainer counts them for MFU (None: not counted for this stage)."""
+    from pretrain.models.vit import flops_per_sample
+
+    if cfg.stage == "mae":
+        return flops_per_sample(cfg.model, cfg.mae, train=True)
+    return model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None

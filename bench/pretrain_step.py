@@ -1,13 +1,17 @@
-"""Stage I training-step throughput: step time, samples/s, tokens/s, MFU and peak memory, through the real
-DeepSpeed engine the trainer builds (same config builder, optimizer groups, schedule), on in-memory batches so
-that only the step is measured. Compares, in one run on one device:
+"""Training-step throughput of ViTa Stage I (MAE) or Stage II (image-tabular CLIP): step time, samples/s,
+tokens/s, MFU and peak memory, through the real DeepSpeed engine the trainer builds (its `build_model`, config
+builder, optimizer groups, schedule, `model_inputs`), on in-memory batches so that only the step is measured.
+Compares, in one run on one device:
   - the paper's shape (width 1025, 5 heads) against a Hopper-friendly one (1024, 8 heads),
-  - bf16 against fp32, SDPA fused kernels against the math backend, ZeRO stages.
+  - bf16 against fp32, SDPA fused kernels against the math backend, ZeRO stages, activation checkpointing.
 
-    python bench/pretrain_step.py [--config configs/pretrain/vita_stage1.yaml] [--micro 32] [--steps 20]
-    (one process; on GPU run it on the GPU machine; on CPU use --cpu-small)
+    python bench/pretrain_step.py [--stage mae|tabular_clip] [--config ...] [--micro 32] [--steps 20]
+        [--dataset DIR]   Stage II: the converted dataset whose tabular schema sizes the tabular encoder
+                          (default: the schema the UK Biobank conversion writes, 117 features)
+    (one process, on the GPU machine; on CPU: DS_ACCELERATOR=cpu python bench/pretrain_step.py --cpu-small --micro 4)
 
-Writes bench/results/pretrain_step_<device>.json and prints a table.
+Writes bench/results/pretrain_step_<stage>_<device>.json and prints a table. (bench/results/pretrain_step_h100.json
+is an earlier Stage I run, written before the file name carried the stage.)
 """
 
 from __future__ import annotations
@@ -21,38 +25,44 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, stage_inputs, stage_model, train_flops
+from pretrain.config import PretrainConfig
+
+CONFIGS = {"mae": "configs/pretrain/vita_stage1.yaml", "tabular_clip": "configs/pretrain/vita_stage2.yaml"}
+# the Hopper-friendly shape: 1024 wide, 8 heads of 128, for every transformer of the stage
+FAST = {"mae": ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024", "mae.decoder_heads=8"],
+        "tabular_clip": ["model.dim=1024", "model.heads=8", "tabular.dim=1024", "tabular.heads=8"]}
+# --cpu-small: images 32², width 128, 4 heads, fp32 (in main), and per stage
+SMALL = {"mae": ["mae.decoder_dim=64", "mae.decoder_heads=4"],
+         "tabular_clip": ["tabular.dim=128", "tabular.heads=4", "tabular.projection_dim=32"]}
 
 
-def measure(cfg, label: str, steps: int, backend: str | None) -> dict:
+def measure(cfg: PretrainConfig, label: str, steps: int, backend: str | None, dataset: Path | None) -> dict:
     import deepspeed
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pretrain.models.vit import MaskedAutoencoder, flops_per_sample, num_tokens
+    from pretrain.models.vit import num_tokens
     from pretrain.train import PEAK_FLOPS, deepspeed_config, lr_lambda, param_groups
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = MaskedAutoencoder(cfg.model, cfg.mae)
+    model = stage_model(cfg, dataset)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 1000))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, 1))
-    m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    x = torch.rand(cfg.train.micro_batch, m.sa_planes + m.la_planes, m.frames, m.img_size, m.img_size,
-                   device=device).to(dtype)
-    backends = {"math": [SDPBackend.MATH], None: None}
+    inputs = stage_inputs(cfg, model, cfg.train.micro_batch, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        out = engine(x)
+        out = engine(**inputs)
         engine.backward(out["loss"])
         engine.step()
 
-    with sdpa_kernel(backends[backend]) if backends.get(backend) else contextlib.nullcontext():
+    with sdpa_kernel([SDPBackend.MATH]) if backend == "math" else contextlib.nullcontext():
         for _ in range(3):
             step()
         if device.type == "cuda":
@@ -66,74 +76,83 @@ def measure(cfg, label: str, steps: int, backend: str | None) -> dict:
     sps = cfg.train.micro_batch / dt
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    flops = flops_per_sample(cfg.model, cfg.mae, train=True)
-    row = {"label": label, "dim": m.dim, "heads": m.heads, "precision": cfg.train.precision, "zero": cfg.train.zero_stage,
-           "attention": backend or "auto", "micro_batch": cfg.train.micro_batch, "step_ms": 1e3 * dt,
-           "samples_per_s": sps, "tokens_per_s": sps * num_tokens(cfg.model),
-           "mfu": flops * sps / peak if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    return row
+    flops = train_flops(cfg, model)
+    m = cfg.model
+    return {"label": label, "stage": cfg.stage, "dim": m.dim, "heads": m.heads, "precision": cfg.train.precision,
+            "zero": cfg.train.zero_stage, "activation_checkpointing": cfg.train.activation_checkpointing,
+            "attention": backend or "auto", "micro_batch": cfg.train.micro_batch, "step_ms": 1e3 * dt,
+            "samples_per_s": sps, "tokens_per_s": sps * num_tokens(m), "flops_per_sample": flops,
+            "mfu": flops * sps / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def variants(stage: str, cpu_small: bool) -> list[tuple[str, list[str], str | None]]:
+    """(label, config overrides, attention backend) per measured variant."""
+    if cpu_small:
+        return [("small fp32", [], None), ("small fp32 math-attn", [], "math")]
+    fast = FAST[stage]
+    if stage == "mae":
+        paper = [("paper 1025x5 bf16", [], None), ("paper 1025x5 bf16 math-attn", [], "math")]
+        last = [("paper 1025x5 bf16 act-ckpt", ["train.activation_checkpointing=true"], None)]
+    else:  # vita_stage2.yaml checkpoints activations (the paper's batch 256 needs it)
+        paper = [("paper 1025x5 bf16 act-ckpt", [], None), ("paper 1025x5 bf16 act-ckpt math-attn", [], "math")]
+        last = [("paper 1025x5 bf16 no act-ckpt", ["train.activation_checkpointing=false"], None)]
+    return paper + [
+        ("1024x8 bf16", fast, None),
+        ("1024x8 bf16 math-attn", fast, "math"),
+        ("1024x8 fp32", fast + ["train.precision=fp32"], None),
+        ("1024x8 bf16 ZeRO-0", fast + ["train.zero_stage=0"], None),
+        ("1024x8 bf16 ZeRO-3", fast + ["train.zero_stage=3"], None),
+    ] + last
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs/pretrain/vita_stage1.yaml"))
+    ap.add_argument("--stage", choices=sorted(CONFIGS), default="mae")
+    ap.add_argument("--config", default=None, help="default: the stage's paper config")
+    ap.add_argument("--dataset", type=Path, default=None, help="Stage II: a converted dataset (its tabular schema)")
     ap.add_argument("--micro", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cpu-small", action="store_true", help="a small config that runs on CPU in seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
     from data_prep.config import load_config
-    from pretrain.config import PretrainConfig
     from pretrain.dist import init_distributed
 
     init_distributed()
+    config = args.config or str(ROOT / CONFIGS[args.stage])
     base = [f"train.micro_batch={args.micro}", f"train.global_batch={args.micro}"]
     if args.cpu_small:
-        base += ["model.img_size=32", "model.dim=128", "model.heads=4", "mae.decoder_dim=64", "mae.decoder_heads=4",
-                 "train.precision=fp32"]
-        variants = [("small fp32", [], None), ("small fp32 math-attn", [], "math")]
-    else:
-        variants = [
-            ("paper 1025x5 bf16", [], None),
-            ("paper 1025x5 bf16 math-attn", [], "math"),
-            ("1024x8 bf16", ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024", "mae.decoder_heads=8"], None),
-            ("1024x8 bf16 math-attn", ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024",
-                                        "mae.decoder_heads=8"], "math"),
-            ("1024x8 fp32", ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024", "mae.decoder_heads=8",
-                             "train.precision=fp32"], None),
-            ("1024x8 bf16 ZeRO-0", ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024", "mae.decoder_heads=8",
-                                    "train.zero_stage=0"], None),
-            ("1024x8 bf16 ZeRO-3", ["model.dim=1024", "model.heads=8", "mae.decoder_dim=1024", "mae.decoder_heads=8",
-                                    "train.zero_stage=3"], None),
-            ("paper 1025x5 bf16 act-ckpt", ["train.activation_checkpointing=true"], None),
-        ]
+        base += ["model.img_size=32", "model.dim=128", "model.heads=4", "train.precision=fp32"] + SMALL[args.stage]
     rows = []
-    for label, over, backend in variants:
-        cfg = load_config(PretrainConfig, args.config, base + over)
+    for label, over, backend in variants(args.stage, args.cpu_small):
+        cfg = load_config(PretrainConfig, config, base + over)
+        if cfg.stage != args.stage:
+            raise SystemExit(f"{config} is a {cfg.stage} config, not {args.stage} (--stage)")
         try:
-            rows.append(measure(cfg, label, args.steps, backend))
+            rows.append(measure(cfg, label, args.steps, backend, args.dataset))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except Exception as e:  # a variant the device cannot run is reported, not fatal
             rows.append({"label": label, "error": f"{type(e).__name__}: {e}"[:300]})
         r = rows[-1]
         if "error" in r:
-            print(f"{label:32s} ERROR {r['error']}", flush=True)
+            print(f"{label:38s} ERROR {r['error']}", flush=True)
         else:
-            print(f"{label:32s} {r['step_ms']:8.1f} ms {r['samples_per_s']:8.1f} samples/s "
-                  f"{r['tokens_per_s'] / 1e6:7.2f} Mtok/s MFU {100 * (r['mfu'] or 0):5.1f}% "
+            print(f"{label:38s} {r['step_ms']:8.1f} ms {r['samples_per_s']:8.1f} samples/s "
+                  f"{r['tokens_per_s']:9.3g} tokens/s MFU {100 * (r['mfu'] or 0):5.1f}% "
                   f"peak {r['peak_mem_gib'] or 0:5.1f} GiB", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out = Path(args.out or ROOT / "bench/results" / f"pretrain_step_{device.split()[-1] if device != 'cpu' else 'cpu'}.json")
+    from pretrain.train import PEAK_FLOPS
+
+    tag = next((k.lower() for k in PEAK_FLOPS if k in device), device.split()[-1].lower())  # h100, ..., cpu
+    out = Path(args.out or ROOT / "bench/results" / f"pretrain_step_{args.stage}_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "micro_batch": args.micro,
-                               "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "stage": args.stage, "config": config,
+                               "micro_batch": args.micro, "cpu_small": args.cpu_small, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

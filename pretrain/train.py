@@ -263,7 +263,8 @@ def train(cfg: PretrainConfig) -> dict:
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
               f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
-    flops = flops_per_sample(cfg.model, cfg.mae, train=True) if cfg.stage == "mae" else None  # MFU: Stage I only
+    flops = (flops_per_sample(cfg.model, cfg.mae, train=True) if cfg.stage == "mae" else  # MFU: not MetaCLIP-CMR
+             model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     tokens = num_tokens(cfg.model)
@@ -301,7 +302,7 @@ def train(cfg: PretrainConfig) -> dict:
                    "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": sps, "tokens_per_s": sps * tokens, "data_wait": wait / (now - t_last),
                    "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
-                   "mfu": (flops * sps / (peak * world)) if peak else None}
+                   "mfu": (flops * sps / (peak * world)) if peak and flops else None}
             t_last, wait, n_last = now, 0.0, samples
             if rank == 0:
                 metrics.write(json.dumps(row) + "\n")

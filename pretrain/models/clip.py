@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from pretrain.config import TabularConfig, ViTConfig
 from pretrain.losses import clip_loss
-from pretrain.models.tabular import ProjectionHead, TabularEncoder
-from pretrain.models.vit import ViTEncoder
+from pretrain.models.tabular import MLP_RATIO, ProjectionHead, TabularEncoder
+from pretrain.models.vit import ViTEncoder, _blocks_flops, num_tokens, visible_tokens
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
@@ -33,6 +33,28 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise ValueError(f"{path}: encoder weights do not match the configured model "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def clip_flops_per_sample(vit: ViTConfig, tab: TabularConfig, num_features: int, train: bool = True) -> float:
+    """Analytic matmul FLOPs (2 per multiply-add) of one Stage II sample, for MFU; the convention of
+    `pretrain.models.vit.flops_per_sample` (training = 3 x forward, activation-checkpoint recompute not counted).
+
+    With L = num_tokens, Lv = visible_tokens(L, image_mask_ratio), K = pt*ph*pw, D = image width, F = num_features
+    (one token per feature, no class token: the tokens are average-pooled), Dt = tabular width, P = projection_dim:
+        patch embed   2 * L * K * D                       (the conv runs on all L tokens, before masking)
+        image blocks  blocks(Lv, D, depth)                (`_blocks_flops`)
+        tabular       blocks(F, Dt, tab.depth)            (MLP ratio 4, as `TabularEncoder` builds them)
+        projections   2 * D * P + 2 * Dt * P
+    Training subtracts the patch embedding's input gradient (2 * L * K * D), as for Stage I. Not counted: the
+    tabular value embedding (an elementwise scale and a table lookup), LayerNorm, GELU, softmax, pooling and the
+    CLIP loss (2 * B_global * P per sample and direction: 0.4 MFLOP per training sample at the paper's global
+    batch 256, against 642 GFLOP for the rest).
+    """
+    pt, ph, pw = vit.patch
+    K, D, L = pt * ph * pw, vit.dim, num_tokens(vit)
+    flops = (2 * L * K * D + _blocks_flops(visible_tokens(L, tab.image_mask_ratio), D, vit.depth, vit.mlp_ratio)
+             + _blocks_flops(num_features, tab.dim, tab.depth, MLP_RATIO) + 2 * (D + tab.dim) * tab.projection_dim)
+    return float(3 * flops - 2 * L * K * D if train else flops)
 
 
 class ImageTabularCLIP(nn.Module):
@@ -52,6 +74,10 @@ class ImageTabularCLIP(nn.Module):
 
     def load_encoder(self, path: str | Path) -> None:
         load_encoder_weights(self.encoder, path)
+
+    def flops_per_sample(self, train: bool = True) -> float:
+        """`clip_flops_per_sample` of this model (its feature count comes from the dataset's schema)."""
+        return clip_flops_per_sample(self.encoder.cfg, self.cfg, self.tabular.num_features, train)
 
     def embed(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor) -> dict[str, Tensor]:
         """Both embeddings (B, projection_dim), not normalised, the whole image (no masking): for evaluation."""
