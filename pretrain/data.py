@@ -83,6 +83,7 @@ Imports from data_prep only `data_prep.format` (no ray): this module runs on the
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -512,6 +513,18 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing stops its daemonic children (DataLoader workers) with SIGTERM, which our
+    workers ignore: after an exception in the trainer (the loader's iterator still alive in the traceback) the
+    process would wait for them forever instead of failing. Registered after multiprocessing's own exit handler,
+    this runs first and kills them."""
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
 # --- one rank's dataset and loader ----------------------------------------------------------------------------
 class RankDataset(IterableDataset):
     """The samples of one rank: in a DataLoader worker k, slot rank * K + (k + consumed) % K from its position."""
@@ -583,6 +596,8 @@ class ResumableLoader:
                                   generator=torch.Generator().manual_seed(self.seed))
         if self.workers > 0:
             kw["worker_init_fn"] = _ignore_stop_signals
+            atexit.unregister(_kill_workers_at_exit)  # once, and after multiprocessing's handler
+            atexit.register(_kill_workers_at_exit)
         if self.workers > 0:
             kw["prefetch_factor"] = max(2, math.ceil(2 * self.batch_size / self.workers))  # ~2 batches in flight
         it = iter(DataLoader(ds, **kw))

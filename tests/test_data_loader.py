@@ -274,3 +274,17 @@ def test_data_module_imports_only_the_light_data_prep_modules():
     assert not any(n.split(".")[0] == "ray" for n in names)
     assert {n for n in names if n.split(".")[0] == "data_prep"} <= {"data_prep.format", "data_prep.config",
                                                                     "data_prep.fsutil"}
+
+
+def test_an_exception_in_the_trainer_ends_the_process_despite_workers_ignoring_sigterm(dataset):
+    """Workers ignore SIGTERM (SLURM signals every process; the trainer must save first), but multiprocessing stops
+    them with SIGTERM at exit: an exception while a loader iterator is alive must still end the process (before the
+    fix it waited for its workers forever, and a crashed SLURM job sat until its time limit)."""
+    import subprocess
+    import sys
+
+    code = (f"from pretrain.data import build_loader\nfrom pretrain.config import DataConfig\n"
+            f"it = iter(build_loader({str(dataset[0])!r}, DataConfig(workers=2, shuffle_buffer=4), rank=0, "
+            f"world_size=1, batch_size=4, seed=0))\nnext(it)\nraise RuntimeError('boom in the training step')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "boom in the training step" in res.stderr, res.stderr[-2000:]

@@ -209,3 +209,41 @@ def load_config_vit(run: Path) -> ViTConfig:
     from pretrain.export import load_encoder
 
     return load_encoder(run)[1]
+
+
+def test_metaclip_in_bf16_with_the_pretrained_text_encoder_and_resnet50(kspace24, tmp_path):
+    """The paper config's path: DeepSpeed's bf16 engine (it runs on CPU ranks too), the bundled pretrained MiniLM
+    text tower, MONAI's ResNet-50 image encoder, the soft-label loss gathered across ranks, and the validation
+    pass, all in bf16: finite losses and retrieval, and the loss falls."""
+    run = tmp_path / "run"
+    out = _train(run, kspace24, "train.precision=bf16", "metaclip.text_init=pretrained",
+                 "metaclip.image_encoder=resnet50", "train.epochs=6", "train.log_every=3", "train.eval_every=9")
+    assert "bf16" in out and "world 2" in out
+    train, val = _rows(run, "train"), _rows(run, "val")
+    assert sorted(train) == [3, 6, 9, 12, 15, 18] and sorted(val) == [9, 18]
+    assert all(np.isfinite(r["loss"]) for r in train.values()) and all(np.isfinite(v["loss"]) for v in val.values())
+    assert train[18]["loss"] < train[3]["loss"], train
+    assert 0 <= val[18]["image_to_text_top1"] <= 1
+
+
+def test_resnet50_batchnorm_runs_in_fp32_next_to_bf16_weights():
+    """DeepSpeed's bf16 mode casts parameters, not buffers: the ResNet-50's BatchNorm must still run (in fp32, its
+    running statistics fp32 and updated), give bf16 features, and in fp32 equal MONAI's plain BatchNorm."""
+    from monai.networks.nets import resnet50
+
+    from pretrain.models.metaclip import build_image_encoder, encode_2d
+
+    torch.manual_seed(0)
+    enc, width = build_image_encoder("resnet50", ViTConfig())
+    plain = resnet50(spatial_dims=2, n_input_channels=1, feed_forward=False)
+    plain.load_state_dict(enc.state_dict())  # same state dict: exports load either way
+    x = torch.rand(4, 32, 32)
+    assert torch.equal(encode_2d(enc, x), encode_2d(plain, x))  # fp32: the same computation
+    for p in enc.parameters():  # what DeepSpeed's bf16 engine does
+        p.data = p.data.to(torch.bfloat16)
+    before = enc.bn1.running_mean.clone()
+    out = encode_2d(enc, x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, width) and torch.isfinite(out.float()).all()
+    assert enc.bn1.running_mean.dtype == torch.float32 and not torch.equal(enc.bn1.running_mean, before)
+    out.float().sum().backward()
+    assert enc.bn1.weight.grad is not None and enc.bn1.weight.grad.dtype == torch.bfloat16
