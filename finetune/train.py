@@ -237,13 +237,18 @@ def mean_guess(cfg: FinetuneConfig, data: dict[str, SubjectDataset]) -> dict:
     raise ValueError(f"mean_guess has no meaning for task {cfg.task.name!r}")
 
 
+def bf16_autocast(cfg: FinetuneConfig, device: torch.device) -> bool:
+    """bf16 autocast on GPUs (`precision: bf16`); CPUs stay fp32 (bf16 is slow there without AMX)."""
+    return cfg.precision == "bf16" and device.type == "cuda"
+
+
 def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out_dir, "config.yaml")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
+    use_bf16 = bf16_autocast(cfg, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -205,3 +205,19 @@ def test_layer_wise_lr_decay_and_frozen_encoder_groups():
         p.requires_grad_(False)
     frozen = param_groups(model, 1.0, 0.1)
     assert sum(len(g["params"]) for g in frozen) == len(list(model.head.parameters()))
+
+
+def test_bf16_autocast_path_of_every_task(cohort60, tmp_path, monkeypatch):
+    """The GPU path (bf16 autocast) forced on CPU, which autocasts too: every UK Biobank task trains one epoch and
+    its predictions, metrics and report come out finite (bf16 outputs reach the losses, numpy and the metrics)."""
+    import finetune.train as T
+
+    monkeypatch.setattr(T, "bf16_autocast", lambda cfg, device: True)
+    checks = {"phenotypes": ("per_target", "mae", None), "diseases": ("per_disease", "f1", None),
+              "segmentation": ("per_structure", "dice", ["LV", "MYO", "RV"])}
+    for task, (key, metric, names) in checks.items():
+        run = T.fit(_cfg(cohort60, tmp_path / task, f"task.name={task}", "optim.epochs=1", "precision=bf16",
+                         "data.eval_all_frames=false"), progress=False)
+        per = run["test"][key]
+        assert np.isfinite(run["val_primary"]) and all(np.isfinite(per[n][metric]) for n in names or per), (task, per)
+        assert (tmp_path / task / "report.md").is_file()
