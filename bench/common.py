@@ -49,6 +49,23 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
         return build_model(cfg, Path(tmp))
 
 
+def stage_engine(cfg: PretrainConfig, world: int, dataset: Path | None = None):
+    """(model, DeepSpeed engine) as the trainer builds them: `stage_model`, its activation checkpointing, AdamW over
+    `param_groups`, the `lr_lambda` schedule, `deepspeed_config`."""
+    import deepspeed
+    import torch
+
+    from pretrain.train import deepspeed_config, lr_lambda, param_groups
+
+    model = stage_model(cfg, dataset)
+    model.set_grad_checkpointing(cfg.train.activation_checkpointing)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 1000))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world))
+    return model, engine
+
+
 def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device: torch.device,
                  dtype: torch.dtype) -> dict:
     """An in-memory batch as the stage's loader yields it (images in [0, 1]; Stage II: normalised tabular values,
@@ -69,12 +86,3 @@ def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device
     elif cfg.stage != "mae":
         raise ValueError(f"stage {cfg.stage!r}: no in-memory batches (Stage I and II only)")
     return model_inputs(cfg, out, device, dtype)
-
-
-def train_flops(cfg: PretrainConfig, model: torch.nn.Module) -> float | None:
-    """Training FLOPs per sample, as the trainer counts them for MFU (None: not counted for this stage)."""
-    from pretrain.models.vit import flops_per_sample
-
-    if cfg.stage == "mae":
-        return flops_per_sample(cfg.model, cfg.mae, train=True)
-    return model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None

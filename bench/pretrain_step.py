@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, stage_inputs, stage_model, train_flops
+from common import ROOT, stage_engine, stage_inputs
 from pretrain.config import PretrainConfig
 
 CONFIGS = {"mae": "configs/pretrain/vita_stage1.yaml", "tabular_clip": "configs/pretrain/vita_stage2.yaml"}
@@ -38,20 +38,14 @@ SMALL = {"mae": ["mae.decoder_dim=64", "mae.decoder_heads=4"],
 
 
 def measure(cfg: PretrainConfig, label: str, steps: int, backend: str | None, dataset: Path | None) -> dict:
-    import deepspeed
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pretrain.models.vit import num_tokens
-    from pretrain.train import PEAK_FLOPS, deepspeed_config, lr_lambda, param_groups
+    from pretrain.train import PEAK_FLOPS, train_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = stage_model(cfg, dataset)
-    model.set_grad_checkpointing(cfg.train.activation_checkpointing)
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 1000))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, 1))
+    model, engine = stage_engine(cfg, 1, dataset)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     inputs = stage_inputs(cfg, model, cfg.train.micro_batch, device, dtype)
     if device.type == "cuda":

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, stage_inputs, stage_model, update_benchmarks
+from common import ROOT, stage_engine, stage_inputs, update_benchmarks
 
 SECTION = "## ZeRO memory and checkpoint size"
 GIB = 2**30
@@ -88,7 +88,6 @@ def checkpoint_sizes(tag_dir: Path, world: int) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import resource
 
-    import deepspeed
     import torch
     import torch.distributed as dist
 
@@ -96,7 +95,6 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain import checkpoint
     from pretrain.config import PretrainConfig
     from pretrain.dist import init_distributed
-    from pretrain.train import deepspeed_config, lr_lambda, param_groups
 
     env = init_distributed()
     world = env.world_size
@@ -108,13 +106,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(PretrainConfig, ROOT / "configs/pretrain" / f"{args.config}.yaml", over)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     torch.manual_seed(cfg.train.seed)
-    model = stage_model(cfg)
-    model.set_grad_checkpointing(cfg.train.activation_checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, 1000))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
+    model, engine = stage_engine(cfg, world)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the full size
     inputs = stage_inputs(cfg, model, 1, device, dtype)
     t0 = time.perf_counter()
     for _ in range(args.steps):

@@ -29,6 +29,7 @@ from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
+from pretrain.models.precision import fp32_batchnorm
 from pretrain.models.vit import MaskedAutoencoder, flops_per_sample, num_tokens, sdpa_backend_report
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
@@ -85,7 +86,7 @@ def build_model(cfg: PretrainConfig, dataset_dir: Path, corpus: Optional[list[st
     """The stage's model; Stage II and MetaCLIP-CMR (ViT) may start their image encoder from an earlier export
     (`checkpoint.init_from`)."""
     if cfg.stage == "mae":
-        return MaskedAutoencoder(cfg.model, cfg.mae)
+        return MaskedAutoencoder(cfg.model, cfg.mae)  # no BatchNorm
     if cfg.stage == "tabular_clip":
         from pretrain.models.clip import ImageTabularCLIP
 
@@ -99,7 +100,14 @@ def build_model(cfg: PretrainConfig, dataset_dir: Path, corpus: Optional[list[st
         model = MetaCLIP(cfg.model, cfg.metaclip, corpus or [], seed=cfg.train.seed)
     if cfg.checkpoint.init_from is not None:
         model.load_encoder(cfg.checkpoint.init_from)
-    return model
+    return fp32_batchnorm(model)  # the ResNet-50's and Stage II's feature norm, under the bf16 engine
+
+
+def train_flops(cfg: PretrainConfig, model: torch.nn.Module) -> Optional[float]:
+    """Model FLOPs per training sample for MFU (None: not counted for MetaCLIP-CMR)."""
+    if cfg.stage == "mae":
+        return flops_per_sample(cfg.model, cfg.mae, train=True)
+    return model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None
 
 
 def build_transform(cfg: PretrainConfig, manifest: dict, train: bool):
@@ -263,8 +271,7 @@ def train(cfg: PretrainConfig) -> dict:
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
               f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
-    flops = (flops_per_sample(cfg.model, cfg.mae, train=True) if cfg.stage == "mae" else  # MFU: not MetaCLIP-CMR
-             model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None)
+    flops = train_flops(cfg, model)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     tokens = num_tokens(cfg.model)

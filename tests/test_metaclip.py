@@ -226,24 +226,39 @@ def test_metaclip_in_bf16_with_the_pretrained_text_encoder_and_resnet50(kspace24
     assert 0 <= val[18]["image_to_text_top1"] <= 1
 
 
-def test_resnet50_batchnorm_runs_in_fp32_next_to_bf16_weights():
-    """DeepSpeed's bf16 mode casts parameters, not buffers: the ResNet-50's BatchNorm must still run (in fp32, its
-    running statistics fp32 and updated), give bf16 features, and in fp32 equal MONAI's plain BatchNorm."""
+def test_batchnorm_runs_in_fp32_next_to_bf16_weights():
+    """DeepSpeed's bf16 mode casts parameters, not buffers: after `fp32_batchnorm` (which `build_model` applies to
+    every stage) the ResNet-50's affine BatchNorm and Stage II's non-affine feature norm run, in fp32 with fp32
+    running statistics that update, give bf16 outputs, and in fp32 equal MONAI's / torch's plain layers."""
     from monai.networks.nets import resnet50
 
     from pretrain.models.metaclip import build_image_encoder, encode_2d
+    from pretrain.models.precision import FP32BatchNorm2d, fp32_batchnorm
 
     torch.manual_seed(0)
     enc, width = build_image_encoder("resnet50", ViTConfig())
     plain = resnet50(spatial_dims=2, n_input_channels=1, feed_forward=False)
-    plain.load_state_dict(enc.state_dict())  # same state dict: exports load either way
+    plain.load_state_dict(enc.state_dict())
+    enc = fp32_batchnorm(enc)
+    assert isinstance(enc.bn1, FP32BatchNorm2d) and enc.state_dict().keys() == plain.state_dict().keys()
     x = torch.rand(4, 32, 32)
     assert torch.equal(encode_2d(enc, x), encode_2d(plain, x))  # fp32: the same computation
-    for p in enc.parameters():  # what DeepSpeed's bf16 engine does
-        p.data = p.data.to(torch.bfloat16)
+    with pytest.raises(RuntimeError):  # what the fix is for: plain BatchNorm, bf16 weights, fp32 statistics
+        encode_2d(_params_to_bf16(plain), x)
+    _params_to_bf16(enc)
     before = enc.bn1.running_mean.clone()
     out = encode_2d(enc, x)
     assert out.dtype == torch.bfloat16 and out.shape == (4, width) and torch.isfinite(out.float()).all()
     assert enc.bn1.running_mean.dtype == torch.float32 and not torch.equal(enc.bn1.running_mean, before)
     out.float().sum().backward()
     assert enc.bn1.weight.grad is not None and enc.bn1.weight.grad.dtype == torch.bfloat16
+    norm = fp32_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False)))
+    y = norm(torch.randn(6, 8).to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and norm[0].running_var.dtype == torch.float32
+
+
+def _params_to_bf16(module: torch.nn.Module) -> torch.nn.Module:
+    """What DeepSpeed's bf16 engine does to a model: parameters to bf16, buffers left as they are."""
+    for p in module.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return module

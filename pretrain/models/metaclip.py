@@ -28,28 +28,6 @@ from pretrain.models.text import build_text_encoder
 from pretrain.models.vit import ViTEncoder
 
 
-class FP32BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm computed in fp32 whatever the dtype of its input and weights. DeepSpeed's bf16 mode casts the
-    parameters but not the buffers, so the running statistics stay fp32 next to bf16 weights, a mix the kernels
-    refuse; normalising in fp32 (as autocast does) also keeps the statistics' small updates exact."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(),
-                                        self.bias.float(), self.training, self.momentum, self.eps).to(x.dtype)
-
-
-def fp32_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d of `module` computes in fp32 (`FP32BatchNorm2d`); weights and state dict unchanged."""
-    for m in module.modules():
-        if type(m) is nn.BatchNorm2d:
-            if not (m.affine and m.track_running_stats and m.momentum is not None):
-                raise ValueError(f"{m}: only affine BatchNorm with running statistics and a fixed momentum")
-            m.__class__ = FP32BatchNorm2d
-    return module
-
-
 def build_image_encoder(kind: str, vit: ViTConfig) -> tuple[nn.Module, int]:
     """(encoder, embedding width). The encoder is stored as `encoder` in every model, so exports find it."""
     if kind == "vit":
@@ -57,7 +35,7 @@ def build_image_encoder(kind: str, vit: ViTConfig) -> tuple[nn.Module, int]:
     if kind == "resnet50":
         from monai.networks.nets import resnet50
 
-        return fp32_batchnorm(resnet50(spatial_dims=2, n_input_channels=1, feed_forward=False)), 2048
+        return resnet50(spatial_dims=2, n_input_channels=1, feed_forward=False), 2048
     raise ValueError(f"metaclip.image_encoder must be 'vit' or 'resnet50', got {kind!r}")
 
 
