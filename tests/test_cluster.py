@@ -29,8 +29,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/vita_stage1_tiny.yaml"
 LOCAL_CPU = ROOT / "configs/cluster/local_cpu.yaml"
-# 30 steps of 8 samples, a checkpoint only at the end (or on a signal)
-STEPS = ["train.epochs=15", "train.samples_per_epoch=16", "checkpoint.every_steps=1000"]
+# N steps of 8 samples, a checkpoint only at the end (or on a signal). ~15 steps/s here: 60 leaves the requeue test
+# ~3 s between the test's signal and the end of the run (30 left ~1 s, too close on a loaded machine).
+N = 60
+STEPS = [f"train.epochs={N // 2}", "train.samples_per_epoch=16", "checkpoint.every_steps=1000"]
 CPU_JOB = ["--slurm-config", str(LOCAL_CPU), "--partition", "debug", "--gpus-per-node", "0", "--tasks-per-node", "2",
            "--cpus-per-task", "1", "--time", "0:15"]
 
@@ -265,10 +267,10 @@ def run_a(ukb_job, tmp_path_factory):
 def test_two_task_pretraining_job_completes_with_a_checkpoint(run_a):
     from pretrain.checkpoint import latest_tag
 
-    assert latest_tag(run_a.run / "checkpoints") == "step00000030"
+    assert latest_tag(run_a.run / "checkpoints") == f"step{N:08d}"
     jid = run_a.job_id
     for rank in (0, 1):
-        assert f'{jid} task {rank}: {{"step": 30, "samples": 240, "stopped": null, "rank": {rank}' in run_a.stdout
+        assert f'{jid} task {rank}: {{"step": {N}, "samples": {N * 8}, "stopped": null, "rank": {rank}' in run_a.stdout
     folder = run_a.folder
     assert {f"{jid}_submission.sh", f"{jid}_0_log.out", f"{jid}_1_log.out", f"{jid}_0_log.err", f"{jid}_1_log.err",
             "config.yaml", "cluster.yaml", "run_dir.txt", "job.json"} <= {p.name for p in folder.iterdir()}
@@ -276,11 +278,11 @@ def test_two_task_pretraining_job_completes_with_a_checkpoint(run_a):
     assert f"dir: {run_a.run}" in (folder / "config.yaml").read_text()
     assert "#SBATCH --ntasks-per-node=2" in (folder / f"{jid}_submission.sh").read_text()
     log = (folder / f"{jid}_0_log.out").read_text()
-    assert "[pretrain] srun: world 2, device cpu" in log and "step 30/30" in log  # rank/world from SLURM, gloo
+    assert "[pretrain] srun: world 2, device cpu" in log and f"step {N}/{N}" in log  # rank/world from SLURM, gloo
 
     st = _ok(_cli("status", jid, "--folder", run_a.jobs))  # by job id, looked up under the job folder root
     assert f"job {jid} (pretrain, slurm)" in st and "finished (2/2 task results)" in st
-    assert "latest checkpoint step00000030; last logged step 30" in st
+    assert f"latest checkpoint step{N:08d}; last logged step {N}" in st
     res = _cli("logs", folder, "--task", "1", "-n", "5")
     assert "Exiting after successful completion" in _ok(res)
     print(f"pretraining job {jid}: {run_a.seconds:.1f}s from submission to result")
@@ -311,8 +313,8 @@ def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
         subprocess.run(["scancel", jid], capture_output=True, timeout=30)
     t_end = time.time()
     requeues = [json.loads(line) for line in (rec.folder / "requeues.jsonl").read_text().splitlines()]
-    assert len(requeues) == 1 and requeues[0]["signal"] == "SIGUSR2" and requeues[0]["step"] in (10, 20), requeues
-    assert [r["step"] for r in results] == [30, 30] and [r["restarts"] for r in results] == [1, 1], results
+    assert len(requeues) == 1 and requeues[0]["signal"] == "SIGUSR2" and requeues[0]["step"] in range(10, N, 10), requeues
+    assert [r["step"] for r in results] == [N, N] and [r["restarts"] for r in results] == [1, 1], results
     assert all(r["stopped"] is None for r in results)  # the result of the last run
     info = scontrol_job(jid)
     if info:  # still in slurmctld's memory (MinJobAge=60)
@@ -322,13 +324,13 @@ def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
     assert f"resumed from step{requeues[0]['step']:08d} at step {requeues[0]['step']}" in log
 
     rows_b = [r for r in _metrics(run) if r.get("split", "train") == "train"]
-    assert [r["step"] for r in rows_b] == list(range(1, 31))  # no step lost, none ran twice
+    assert [r["step"] for r in rows_b] == list(range(1, N + 1))  # no step lost, none ran twice
     rows_a = {r["step"]: r for r in _metrics(run_a.run)}
     keys = ("loss", "psnr", "lr", "grad_norm", "samples")
     for r in rows_b:
         assert [r[k] for k in keys] == [rows_a[r["step"]][k] for k in keys], r["step"]
-    wa = consolidated_state_dict(run_a.run / "checkpoints", "step00000030")
-    wb = consolidated_state_dict(run / "checkpoints", "step00000030")
+    wa = consolidated_state_dict(run_a.run / "checkpoints", f"step{N:08d}")
+    wb = consolidated_state_dict(run / "checkpoints", f"step{N:08d}")
     import torch
 
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
