@@ -77,12 +77,10 @@ def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device
     m = cfg.model
     out = {"image": torch.rand(batch, m.sa_planes + m.la_planes, m.frames, m.img_size, m.img_size)}
     if cfg.stage == "tabular_clip":
-        schema = model.tabular.schema
-        values = torch.randn(batch, len(schema))
-        for f in schema:
-            if f["num_categories"]:
-                values[:, f["index"]] = torch.randint(0, f["num_categories"], (batch,)).float()
-        out.update(tabular_values=values, tabular_missing=torch.rand(batch, len(schema)) < 0.2)
+        from pretrain.models.tabular import random_table
+
+        values, missing = random_table(model.tabular.schema, batch)
+        out.update(tabular_values=values, tabular_missing=missing)
     elif cfg.stage != "mae":
         raise ValueError(f"stage {cfg.stage!r}: no in-memory batches (Stage I and II only)")
     return model_inputs(cfg, out, device, dtype)

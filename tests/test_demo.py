@@ -4,7 +4,7 @@ interrupted with Ctrl-C during Stage I and run again. The second `make demo` mus
 checkpoint (not start over, not skip it), finish the pipeline and write the report; a third finds nothing to do.
 
 The smoke scale only shrinks the cohort and the epochs, through the Makefile's SYNTH_ARGS / PRETRAIN_ARGS /
-FINETUNE_ARGS; the commands, configs and file targets are the demo's own. About 4 minutes on 2 cores.
+FINETUNE_ARGS; the commands, configs and file targets are the demo's own. About 5 minutes on 2 cores.
 """
 
 from __future__ import annotations

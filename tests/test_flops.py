@@ -18,7 +18,8 @@ from data_prep.config import load_config
 from data_prep.tabular import feature_schema, load_feature_spec
 from pretrain.config import MAEConfig, PretrainConfig, TabularConfig, ViTConfig
 from pretrain.models.clip import ImageTabularCLIP, clip_flops_per_sample
-from pretrain.models.vit import MaskedAutoencoder, _blocks_flops, flops_per_sample, num_tokens, visible_tokens
+from pretrain.models.tabular import random_table
+from pretrain.models.vit import MaskedAutoencoder, blocks_flops, flops_per_sample, num_tokens, visible_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ViTConfig(img_size=32, sa_planes=3, la_planes=3, frames=5, patch=(5, 8, 8), dim=64, depth=2, heads=4)
@@ -35,15 +36,10 @@ def counted_flops(fn) -> int:
 
 
 def stage2_inputs(vit: ViTConfig, b: int, device: str = "cpu") -> dict:
-    """What `pretrain.train.model_inputs` hands the model: images, tabular values (valid category indices),
-    missing flags."""
-    values = torch.randn(b, len(SCHEMA))
-    for f in SCHEMA:
-        if f["num_categories"]:
-            values[:, f["index"]] = torch.randint(0, f["num_categories"], (b,)).float()
+    """What `pretrain.train.model_inputs` hands the model: images, tabular values, missing flags."""
+    values, missing = random_table(SCHEMA, b)
     images = torch.rand(b, vit.sa_planes + vit.la_planes, vit.frames, vit.img_size, vit.img_size)
-    return {"images": images.to(device), "tab_values": values.to(device),
-            "tab_missing": (torch.rand(b, len(SCHEMA)) < 0.2).to(device)}
+    return {"images": images.to(device), "tab_values": values.to(device), "tab_missing": missing.to(device)}
 
 
 def test_stage2_flops_match_flop_counter():
@@ -60,8 +56,8 @@ def test_stage2_flops_match_flop_counter():
     # FLOPs (hence MFU) do not count that work
     model.set_grad_checkpointing(True)
     n_img, n_tab = visible_tokens(num_tokens(VIT), TAB.image_mask_ratio), len(SCHEMA)
-    recompute = (_blocks_flops(n_img, VIT.dim, VIT.depth, 4.0) - VIT.depth * 2 * n_img * VIT.dim * 4 * VIT.dim
-                 + _blocks_flops(n_tab, TAB.dim, TAB.depth, 4.0) - TAB.depth * 2 * n_tab * TAB.dim * 4 * TAB.dim)
+    recompute = (blocks_flops(n_img, VIT.dim, VIT.depth, 4.0) - VIT.depth * 2 * n_img * VIT.dim * 4 * VIT.dim
+                 + blocks_flops(n_tab, TAB.dim, TAB.depth, 4.0) - TAB.depth * 2 * n_tab * TAB.dim * 4 * TAB.dim)
     ckpt = counted_flops(lambda: model(**x)["loss"].backward()) / 2
     assert ckpt == pytest.approx(train + recompute, rel=0.01)
 

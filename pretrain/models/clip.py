@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pretrain.config import TabularConfig, ViTConfig
 from pretrain.losses import clip_loss
 from pretrain.models.tabular import MLP_RATIO, ProjectionHead, TabularEncoder
-from pretrain.models.vit import ViTEncoder, _blocks_flops, num_tokens, visible_tokens
+from pretrain.models.vit import ViTEncoder, blocks_flops, num_tokens, visible_tokens
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
@@ -42,7 +42,7 @@ def clip_flops_per_sample(vit: ViTConfig, tab: TabularConfig, num_features: int,
     With L = num_tokens, Lv = visible_tokens(L, image_mask_ratio), K = pt*ph*pw, D = image width, F = num_features
     (one token per feature, no class token: the tokens are average-pooled), Dt = tabular width, P = projection_dim:
         patch embed   2 * L * K * D                       (the conv runs on all L tokens, before masking)
-        image blocks  blocks(Lv, D, depth)                (`_blocks_flops`)
+        image blocks  blocks(Lv, D, depth)                (`blocks_flops`)
         tabular       blocks(F, Dt, tab.depth)            (MLP ratio 4, as `TabularEncoder` builds them)
         projections   2 * D * P + 2 * Dt * P
     Training subtracts the patch embedding's input gradient (2 * L * K * D), as for Stage I. Not counted: the
@@ -52,8 +52,8 @@ def clip_flops_per_sample(vit: ViTConfig, tab: TabularConfig, num_features: int,
     """
     pt, ph, pw = vit.patch
     K, D, L = pt * ph * pw, vit.dim, num_tokens(vit)
-    flops = (2 * L * K * D + _blocks_flops(visible_tokens(L, tab.image_mask_ratio), D, vit.depth, vit.mlp_ratio)
-             + _blocks_flops(num_features, tab.dim, tab.depth, MLP_RATIO) + 2 * (D + tab.dim) * tab.projection_dim)
+    flops = (2 * L * K * D + blocks_flops(visible_tokens(L, tab.image_mask_ratio), D, vit.depth, vit.mlp_ratio)
+             + blocks_flops(num_features, tab.dim, tab.depth, MLP_RATIO) + 2 * (D + tab.dim) * tab.projection_dim)
     return float(3 * flops - 2 * L * K * D if train else flops)
 
 

@@ -86,6 +86,16 @@ def check_schema(schema: Sequence[dict]) -> list[dict]:
     return feats
 
 
+def random_table(schema: Sequence[dict], batch: int, missing: float = 0.2) -> tuple[Tensor, Tensor]:
+    """(values, missing) of `batch` random rows in the loader's encoding (normalised numbers, valid category
+    indices, `missing` of the entries flagged missing): model inputs for benchmarks and FLOP counts."""
+    values = torch.randn(batch, len(schema))
+    for f in schema:
+        if f["num_categories"]:
+            values[:, f["index"]] = torch.randint(0, f["num_categories"], (batch,)).float()
+    return values, torch.rand(batch, len(schema)) < missing
+
+
 def corrupt(values: Tensor, missing: Tensor, p: float, generator: Optional[torch.Generator] = None
             ) -> tuple[Tensor, Tensor]:
     """SCARF corruption (see the module docstring): each entry with probability p takes the entry (value and

@@ -400,7 +400,7 @@ class MaskedAutoencoder(nn.Module):
 
 
 # --- cost model --------------------------------------------------------------------------------------------------
-def _blocks_flops(n: int, d: int, depth: int, mlp_ratio: float) -> int:
+def blocks_flops(n: int, d: int, depth: int, mlp_ratio: float) -> int:
     """Per block, n tokens, width d, MLP hidden h: qkv 2n*d*3d + proj 2n*d*d + MLP 2*(2n*d*h)
     + attention QK^T 2n*n*d + AV 2n*n*d = 2n*d*(4d + 2h) + 4n^2*d."""
     h = int(d * mlp_ratio)
@@ -412,7 +412,7 @@ def flops_per_sample(vit: ViTConfig, mae: Optional[MAEConfig] = None, train: boo
 
     With L = num_tokens, Lv = visible_tokens(L, mask_ratio), K = pt*ph*pw, D = dim, Dd = decoder_dim:
         patch embed   2 * L * K * D                      (the conv runs on all L tokens, before masking)
-        encoder       blocks(Lv, D, depth)               (see `_blocks_flops`)
+        encoder       blocks(Lv, D, depth)               (see `blocks_flops`)
         decoder       2 * Lv * D * Dd + blocks(L, Dd, decoder_depth) + head 2 * L * Dd * K
     `mae=None` is the encoder alone on all L tokens (fine-tuning). Training = 3 x forward (backward = 2 x
     forward: gradients w.r.t. inputs and weights of every matmul) minus 2 * L * K * D, since the patch
@@ -425,10 +425,10 @@ def flops_per_sample(vit: ViTConfig, mae: Optional[MAEConfig] = None, train: boo
     pt, ph, pw = vit.patch
     K, D, L = pt * ph * pw, vit.dim, num_tokens(vit)
     Lv = visible_tokens(L, mae.mask_ratio) if mae is not None else L
-    flops = 2 * L * K * D + _blocks_flops(Lv, D, vit.depth, vit.mlp_ratio)
+    flops = 2 * L * K * D + blocks_flops(Lv, D, vit.depth, vit.mlp_ratio)
     if mae is not None:
         Dd = mae.decoder_dim
-        flops += 2 * Lv * D * Dd + _blocks_flops(L, Dd, mae.decoder_depth, vit.mlp_ratio) + 2 * L * Dd * K
+        flops += 2 * Lv * D * Dd + blocks_flops(L, Dd, mae.decoder_depth, vit.mlp_ratio) + 2 * L * Dd * K
     return float(3 * flops - 2 * L * K * D if train else flops)
 
 
