@@ -6,6 +6,8 @@ present in both layouts is converted once, from the NIfTI (it carries the segmen
 counted as skipped. The tabular CSV is read once by the driver: each subject's raw feature vector (NaN where
 missing) and disease labels travel with its work item; z-scoring and imputation use the training split's
 statistics, versioned in the manifest and applied at load time, so growing the cohort never rewrites a shard.
+The manifest's `geometry` and every sample's meta record the stored grid: `crop` pixels over `fov_mm`, i.e. the
+stored pixel spacing (`preprocess_ukb` module doc).
 """
 
 from __future__ import annotations
@@ -101,6 +103,13 @@ class UKBDataset:
                          phenotypes=phenotypes, meta=meta)
 
 
+def geometry(p: UKBPreprocessConfig) -> dict:
+    """The stored grid, for the manifest: per-view values (source spacing, field of view) are in each sample's meta
+    (`pixel_spacing_mm` = stored spacing, `source_pixel_spacing_mm`, `fov_mm`, `plane_affines`)."""
+    return {"crop": p.crop, "fov_mm": p.fov_mm, "pixel_spacing_mm": p.fov_mm / p.crop if p.fov_mm else "source",
+            "sa_planes": p.sa_planes, "sa_selection": p.sa_selection}
+
+
 def run(cfg: UKBJobConfig, progress: bool = True):
     """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
     from data_prep.config import save_resolved_config
@@ -145,7 +154,8 @@ def run(cfg: UKBJobConfig, progress: bool = True):
             versions = dict(tab.get("stats", {}))
             versions.setdefault(stats["version"], stats)
             tab["stats"], tab["current_stats"] = versions, stats["version"]
-        return {"tabular": tab, "source": str(cfg.src), "ignored_files": sorted(set(ignored))}
+        return {"tabular": tab, "source": str(cfg.src), "ignored_files": sorted(set(ignored)),
+                "geometry": geometry(cfg.preprocess)}
 
     dataset = UKBDataset(cfg.preprocess, len(spec.features))
     report = run_job(dataset, items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
