@@ -115,19 +115,21 @@ class NiftiReference(Dataset):
         import nibabel as nib
 
         from data_prep.format import LA_VIEWS
-        from data_prep.preprocess_ukb import _crop
+        from data_prep.preprocess_ukb import store_plane
         from pretrain.data import select_frames
 
         key = self.keys[i]
         meta = self.metas[key]
-        vols = {v: nib.load(self.src / key / f"{v}.nii.gz").get_fdata() for v in ("sa", *LA_VIEWS)}
+        imgs = {v: nib.load(self.src / key / f"{v}.nii.gz") for v in ("sa", *LA_VIEWS)}
+        vols = {v: img.get_fdata() for v, img in imgs.items()}
         T = vols["sa"].shape[-1]
         idx = select_frames(T, FRAMES)
         planes = []
         for name in meta["planes"]:
             view, k = ("sa", meta["sa_slices"][int(name[3:])]) if name.startswith("sa_") else (name, 0)
             ci, cj = meta["crop_centres"][name]
-            x = _crop(vols[view][:, :, k, :][..., idx], ci, cj, self.crop)  # (S, S, 5)
+            x, _, _ = store_plane(vols[view][:, :, k, :][..., idx], None, imgs[view].affine, k, ci, cj, self.crop,
+                                  meta.get("fov_mm"))  # (S, S, 5), resampled as the conversion did
             lo, hi = np.percentile(x, (1.0, 99.5))
             planes.append(np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).transpose(2, 0, 1))
         image = torch.from_numpy(np.stack(planes).astype(np.float32))

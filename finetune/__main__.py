@@ -13,6 +13,8 @@ EPILOG = """examples:
   python -m finetune train --config configs/finetune/tiny.yaml protocol.kind=linear_probe
   python -m finetune compare --config configs/finetune/vita_phenotypes.yaml --method mae=runs/vita_stage1 \\
       --method vita=runs/vita_stage2 --baselines mean_guess,vit_scratch,resnet50
+  python -m finetune probe --config configs/finetune/vita_phenotypes.yaml --method random=random \
+      --method mae=runs/vita_stage1 --method vita=runs/vita_stage2 out=runs/probe
   python -m finetune embed --encoder runs/vita_stage2 --dataset data/ukb/converted --out embeddings.npz
   python -m finetune config --config configs/finetune/vita_phenotypes.yaml
 
@@ -36,8 +38,21 @@ def _compare(args) -> int:
     cfg = config_from_args(FinetuneConfig, args)
     methods = dict(m.split("=", 1) for m in args.method)
     baselines = [b for b in args.baselines.split(",") if b]
-    path = compare(cfg, methods, baselines)
+    fractions = tuple(float(f) for f in args.train_fractions.split(",") if f)
+    path = compare(cfg, methods, baselines, fractions)
     print(f"[finetune] comparison table: {path}")
+    return 0
+
+
+def _probe(args) -> int:
+    from finetune.probe import RANDOM, probe
+
+    cfg = config_from_args(FinetuneConfig, args)
+    methods = {n: (None if e == RANDOM else e) for n, e in (m.split("=", 1) for m in args.method)}
+    result = probe(cfg, methods)
+    for name, r in result["methods"].items():
+        print(f"[finetune] probe {name}: average test MAE / mean-guess {r['mae_ratio']:.3f}")
+    print(f"[finetune] linear probes: {cfg.out}/probe.md, {cfg.out}/probe.json")
     return 0
 
 
@@ -46,6 +61,15 @@ def _embed(args) -> int:
 
     path = embed(args.encoder, args.dataset, args.out, split=args.split, batch_size=args.batch_size)
     print(f"[finetune] embeddings: {path}")
+    return 0
+
+
+def _scaling(args) -> int:
+    from finetune.scaling import ScalingConfig, run_study
+
+    cfg = config_from_args(ScalingConfig, args)
+    run_study(cfg)
+    print(f"[finetune] scaling study: {cfg.out}/table.md, {cfg.out}/scaling.json, {cfg.out}/scaling.png")
     return 0
 
 
@@ -69,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="an encoder to compare (export or pretraining run directory); repeatable")
     p.add_argument("--baselines", default="mean_guess,vit_scratch,resnet50",
                    help="comma-separated: mean_guess, vit_scratch, resnet50 (default: all)")
+    p.add_argument("--train-fractions", default="", metavar="F,F,...",
+                   help="phenotypes: also a label-efficiency table, every method (and vit_scratch) fine-tuned on "
+                        "these nested fractions of the labelled training subjects, with the same epochs")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("probe", help="linear probes (ridge) of frozen features per phenotype, against mean-guess")
+    add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
+    p.add_argument("--method", action="append", default=[], metavar="NAME=ENCODER",
+                   help="an encoder to probe (export or pretraining run directory; 'random' = the config's ViT, "
+                        "randomly initialised); repeatable")
+    p.set_defaults(func=_probe)
     p = sub.add_parser("embed", help="per-subject encoder embeddings of a converted dataset -> .npz")
     p.add_argument("--encoder", required=True, help="encoder.safetensors, its directory, or a pretraining run")
     p.add_argument("--dataset", required=True, help="a converted dataset directory (manifest.json + store.zarr)")
@@ -77,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="all", help="train, val, test or all (default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_embed)
+    p = sub.add_parser("scaling", help="probe quality against the number of pretraining subjects -> table + plot")
+    add_config_arguments(p, "configs/scaling/demo.yaml")
+    p.set_defaults(func=_scaling)
     p = sub.add_parser("demo-report", help="the report of `make demo` from what its stages wrote")
     p.add_argument("--demo", default="runs/demo", help="the demo directory (default runs/demo)")
     p.set_defaults(func=_demo_report)

@@ -33,7 +33,36 @@ def _per_target_resnet(cfg: FinetuneConfig, out: Path) -> dict:
     return {KEY[task]: merged}
 
 
-def compare(cfg: FinetuneConfig, methods: dict[str, str], baselines: list[str]) -> Path:
+def label_efficiency(cfg: FinetuneConfig, methods: dict[str, str], fractions: list[float], full: dict,
+                     baselines: list[str]) -> dict:
+    """Phenotypes on nested fractions of the labelled training subjects (`data.train_fraction`): at each fraction
+    every method gets the same budget — the config's epochs over the same subjects, so the same optimisation steps
+    (each labelled subject is seen equally often at every fraction) — and the same validation and test splits.
+    `full`: the 100 % results (from `compare`).
+    Returns {"fractions", "methods": {name: {fraction: per_target}}, "mean_guess": {fraction: per_target}}."""
+    out = Path(cfg.out) / "label_efficiency"
+    res: dict = {"fractions": sorted(set(fractions) | {1.0}), "methods": {}, "mean_guess": {}}
+    todo = {b: None for b in baselines if b == "vit_scratch"} | dict(methods)
+    for f in res["fractions"]:
+        key = f"{f:g}"
+        if f == 1.0:
+            res["mean_guess"][key] = full["mean_guess"]["per_target"] if "mean_guess" in full else None
+            for name in todo:
+                res["methods"].setdefault(name, {})[key] = full[name]["per_target"]
+            continue
+        sub = replace(cfg, data=replace(cfg.data, train_fraction=f))
+        res["mean_guess"][key] = fit(replace(sub, baseline="mean_guess", out=out / key / "mean_guess"),
+                                     progress=False)["test"]["per_target"]
+        for name, encoder in todo.items():
+            one = replace(sub, baseline="vit_scratch", out=out / key / name) if encoder is None else replace(
+                sub, baseline="none", encoder=Path(encoder), out=out / key / name)
+            res["methods"].setdefault(name, {})[key] = fit(one, progress=False)["test"]["per_target"]
+    atomic_write_text(out / "label_efficiency.json", json.dumps(res, indent=1, default=float))
+    return res
+
+
+def compare(cfg: FinetuneConfig, methods: dict[str, str], baselines: list[str],
+            fractions: tuple[float, ...] = ()) -> Path:
     out = Path(cfg.out)
     task = cfg.task.name
     results: dict[str, dict] = {}
@@ -59,6 +88,21 @@ def compare(cfg: FinetuneConfig, methods: dict[str, str], baselines: list[str]) 
         table = report.markdown_table([{"method": m, **{c: r[c] for c in cols}} for m, r in results.items()],
                                       ["method", *cols])
     atomic_write_text(out / "comparison.json", json.dumps(results, indent=1, default=float))
-    return report.write_report(out / "comparison.md", f"Comparison: {task} (test split)", [
-        ("Methods", "Same splits, seed and protocol (" + cfg.protocol.kind + "); only the encoder differs."),
-        ("Results", table)])
+    sections = [("Methods", "Same splits, seed and protocol (" + cfg.protocol.kind + "); only the encoder differs."),
+                ("Results", table)]
+    if fractions and task == "phenotypes":
+        eff = label_efficiency(cfg, methods, list(fractions), results, baselines)
+        sections.append(("Label efficiency: average test MAE / mean-guess (same labelled subset)",
+                         label_efficiency_table(eff, cfg.task.targets)))
+    return report.write_report(out / "comparison.md", f"Comparison: {task} (test split)", sections)
+
+
+def label_efficiency_table(eff: dict, names: list[str]) -> str:
+    """One row per method, one column per labelled fraction: the average over `names` of MAE / mean-guess MAE."""
+    from finetune.probe import mae_ratio
+
+    cols = [f"{f:g}" for f in eff["fractions"]]
+    rows = [{"method": m, **{f"{100 * float(c):g} %": mae_ratio(per[c], eff["mean_guess"][c], names)
+                             for c in cols if c in per and eff["mean_guess"].get(c)}}
+            for m, per in eff["methods"].items()]
+    return report.markdown_table(rows, ["method", *[f"{100 * float(c):g} %" for c in cols]])

@@ -24,6 +24,13 @@ class TaskConfig:
     head_hidden: int = 256  # two-layer MLP decoder (ViTa Sec. 4.2); a linear probe uses one Linear layer
     seg_decoder_dim: int = 576  # UNETR-style decoder: channels of its deepest stage, halved per upsampling
     class_weighting: bool = True  # diseases: BCE positive weight n_neg / n_pos per disease (training split)
+    # the pooled features before every pooled head (phenotypes, diseases, modality_view): "none" as in the papers,
+    # or "batchnorm" (BatchNorm1d): a pretrained encoder's mean-pooled LayerNormed tokens can differ by 1-2 %
+    # between subjects, a scale at which a plain head stays at the mean
+    feature_norm: Literal["none", "batchnorm"] = "none"
+    # segmentation: the loss weighted per class by sqrt(median class frequency / class frequency) over the
+    # training split's labelled planes, so that small structures (atria, myocardium) are not drowned by background
+    seg_class_weighting: bool = False
     slices: int = 3  # modality_view: images per k-space sequence (MetaCLIP-CMR: 3 slices x up to 4 frames)
     max_frames: int = 4
     image_size: int = 224
@@ -44,6 +51,13 @@ class FinetuneDataConfig:
     workers: int = 2
     eval_all_frames: bool = True  # segmentation test: score every stored frame (T / frames passes), not only 5
     cache: bool = False  # keep decoded images in memory (per process): for datasets that fit, e.g. the demo
+    # label efficiency: train on this fraction of the training split's subjects (a nested subset: the first
+    # ceil(f x N) keys by a hash of the key, so 10 % is inside 25 % is inside 50 %); validation and test unchanged
+    train_fraction: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass

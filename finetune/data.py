@@ -14,6 +14,8 @@ workers do not share a Zarr handle).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -37,13 +39,24 @@ def target_names(manifest: dict) -> list[str]:
     return list(PHENOTYPES) + [f["name"] for f in (manifest.get("tabular") or {}).get("features", [])]
 
 
+def nested_subset(keys: Sequence[str], fraction: float) -> list[str]:
+    """The first ceil(fraction x N) of `keys` ranked by a hash of the key, in their original order: subsets of
+    one split are nested (10 % inside 25 % inside 100 %) and independent of the order the keys come in."""
+    keys = list(keys)
+    if fraction >= 1.0:
+        return keys
+    rank = sorted(keys, key=lambda k: hashlib.sha256(f"cmrfm-label-fraction:{k}".encode()).digest())
+    keep = set(rank[:max(1, math.ceil(fraction * len(keys)))])
+    return [k for k in keys if k in keep]
+
+
 class SubjectDataset(Dataset):
     """One split of a converted dataset as training / evaluation samples for `task`."""
 
     def __init__(self, dataset_dir: str | Path, split: str, task: str, vit: ViTConfig, *, train: bool, seed: int,
                  targets: Sequence[str] = (), diseases: Sequence[str] = DISEASES,
                  kspace: Optional[MetaCLIPConfig] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
-                 cache: bool = False):
+                 cache: bool = False, fraction: float = 1.0):
         self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, task, vit
         self.train, self.seed, self.frame_offset = train, int(seed), frame_offset
         self.augment = augment if train else replace(augment, rotation_deg=0.0, flip=False, contrast=0.0)
@@ -52,7 +65,7 @@ class SubjectDataset(Dataset):
         self._reader: Optional[StoreReader] = None
         self._pid = None
         reader = self.reader
-        self.keys = reader.keys(split)
+        self.keys = nested_subset(reader.keys(split), fraction)
         self.manifest = reader.manifest
         names = target_names(self.manifest)
         missing = [t for t in targets if t not in names]

@@ -22,7 +22,7 @@ from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 __all__ = ["regression_metrics", "mean_guess_metrics", "choose_threshold", "classification_metrics",
-           "segmentation_metrics", "retrieval_topk", "accuracy", "balanced_accuracy"]
+           "segmentation_metrics", "volume_dice", "retrieval_topk", "accuracy", "balanced_accuracy"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 NAN = float("nan")
@@ -163,8 +163,43 @@ def _plane_spacing(spacing, n: int, p: int) -> np.ndarray:
     return np.broadcast_to(s if s.ndim else np.full(2, float(s)), (n, p, 2))
 
 
+def volume_dice(pred: ArrayLike, true: ArrayLike, valid: ArrayLike, labels: Mapping[int, str],
+                plane_labels: Sequence[Sequence[int]], groups: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Dice per subject over whole volumes, as ukbb_cardiac and nnU-Net report it: `pred`, `true` (N, P, T, H, W).
+
+    Planes with the same `groups[p]` form one volume (e.g. the short-axis stack: 3D+T; each long-axis view on its
+    own: 2D+T). A structure (label id -> name in `labels`) is scored on a subject's volume only where the volume's
+    planes have a ground truth (``valid[n, p]``) whose label set `plane_labels[p]` contains it — an atrium is not
+    scored on the short-axis stack, a ventricle not on a long-axis view whose segmentation has only the atria. Per
+    (subject, volume, structure): absent in both prediction and truth -> left out; otherwise
+    2 |P & T| / (|P| + |T|). Returns ``{name: {"dice", "std", "n"}}`` (mean and std over the items; NaN when none).
+    """
+    valid = _np(valid, bool)
+    n_subj, n_planes = np.shape(pred)[:2]
+    if np.shape(pred) != np.shape(true) or valid.shape != (n_subj, n_planes) or len(plane_labels) != n_planes \
+            or len(groups) != n_planes:
+        raise ValueError(f"pred {np.shape(pred)} / true {np.shape(true)} (N, P, T, H, W), valid (N, P), and one label "
+                         f"set and group per plane are required")
+    items: dict[int, list[float]] = {c: [] for c in labels}
+    for i in range(n_subj):
+        p_i, t_i = _np(pred[i]), _np(true[i])
+        for g in dict.fromkeys(groups):
+            for c in labels:
+                planes = [p for p in range(n_planes) if groups[p] == g and valid[i, p] and c in plane_labels[p]]
+                if not planes:
+                    continue
+                pc, tc = p_i[planes] == c, t_i[planes] == c
+                denom = int(pc.sum()) + int(tc.sum())
+                if denom:
+                    items[c].append(2.0 * int((pc & tc).sum()) / denom)
+    return {name: {"dice": float(np.mean(items[c])) if items[c] else NAN,
+                   "std": float(np.std(items[c])) if items[c] else NAN, "n": len(items[c])}
+            for c, name in labels.items()}
+
+
 def segmentation_metrics(pred: ArrayLike, true: ArrayLike, valid: ArrayLike, labels: Mapping[int, str],
-                         spacing=None) -> dict[str, dict[str, float]]:
+                         spacing=None, plane_labels: Optional[Sequence[Sequence[int]]] = None
+                         ) -> dict[str, dict[str, float]]:
     """Dice and HD95 per structure between label maps `pred` and `true`, both (N, P, T, H, W).
 
     Every (subject, plane, frame) image with ``valid[n, p]`` (the plane has a ground-truth segmentation) is one 2D
@@ -176,6 +211,9 @@ def segmentation_metrics(pred: ArrayLike, true: ArrayLike, valid: ArrayLike, lab
       the items where both are present only, and ``n_hd95`` says over how many (``n - n_hd95`` missed / spurious);
     - present in both: MONAI's `compute_dice` and `compute_hausdorff_distance(percentile=95)` (symmetric: the larger
       of the two directed 95th-percentile boundary distances), in `spacing` units (mm) or pixels when None.
+
+    With `plane_labels` (one label set per plane), a structure is scored only on the planes whose ground truth can
+    contain it (no LV on a long-axis view labelled with the atria only).
 
     Returns ``{name: {"dice", "hd95", "n", "n_hd95"}}`` (means over items; NaN when no item counts).
     `spacing`: None, a scalar, (row, col), or per plane (N, P, 2). Subjects are processed one at a time, so memory
@@ -198,15 +236,18 @@ def segmentation_metrics(pred: ArrayLike, true: ArrayLike, valid: ArrayLike, lab
         p = torch.as_tensor(_np(pred[i])[planes]).flatten(0, 1)  # (planes * T, H, W) 2D items
         t = torch.as_tensor(_np(true[i])[planes]).flatten(0, 1)
         item_spacing = np.repeat(spacing[i, planes], frames, axis=0)
+        item_plane = np.repeat(planes, frames)
         for c in labels:
             pc, tc = (p == c)[:, None].double(), (t == c)[:, None].double()  # one-hot (items, 1, H, W) of structure c
             in_p, in_t = pc.flatten(1).any(1), tc.flatten(1).any(1)
             counted = in_p | in_t
+            if plane_labels is not None:
+                counted &= torch.as_tensor([c in plane_labels[q] for q in item_plane])
             if not counted.any():
                 continue
             d = compute_dice(pc[counted], tc[counted], include_background=True, ignore_empty=False)[:, 0]
             dice[c].append(d.numpy())
-            both = (in_p & in_t).numpy()
+            both = (in_p & in_t & counted).numpy()
             if both.any():
                 with warnings.catch_warnings():  # MONAI 1.5+ trips over its own deprecated argument internally
                     warnings.filterwarnings("ignore", ".*always_return_as_numpy", FutureWarning)

@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from data_prep.format import LABELS
+from data_prep.format import LABELS, MODALITIES, VIEWS
 from pretrain.config import ViTConfig
 from pretrain.models.metaclip import pool_sequences
 from pretrain.models.vit import ViTEncoder, token_grid
 
-N_MODALITIES, N_VIEWS = 5, 5  # data_prep.preprocess_kspace MODALITIES / VIEWS (label ids in the store)
+N_MODALITIES, N_VIEWS = len(MODALITIES), len(VIEWS)
 
 
 def mlp(in_dim: int, hidden: int, out: int) -> nn.Module:
@@ -50,8 +50,9 @@ class ResNetEncoder(nn.Module):
 
 class UNETRDecoder(nn.Module):
     """UNETR (Hatamizadeh et al.) on each plane of the ViT: tokens at H/p -> H, with skips from intermediate
-    blocks (deconvolved to H/2^l) and from the input frames at full resolution. One temporal token per plane
-    (frames == patch_t): the T frames are the input channels and T x classes the output channels."""
+    blocks (deconvolved to H/2^l) and from the input frames (with the plane's identity) at full resolution. One
+    temporal token per plane (frames == patch_t): the T frames are the input channels and T x classes the output
+    channels."""
 
     def __init__(self, vit: ViTConfig, num_classes: int, width: int):
         super().__init__()
@@ -68,7 +69,10 @@ class UNETRDecoder(nn.Module):
         # blocks whose outputs feed the skips at H/2^1 .. H/2^(L-1): evenly spaced, the last block is the bottleneck
         self.skip_blocks = [round(vit.depth * lv / levels) - 1 for lv in range(1, levels)]
         kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
-        self.enc0 = UnetrBasicBlock(in_channels=vit.frames, out_channels=ch[0], stride=1, **kw)
+        # the full-resolution skip sees the frames and which plane they are (one constant channel per plane): a
+        # blood pool looks alike in every view, and its label (LV, LA, RA) depends on the plane
+        self.planes = vit.sa_planes + vit.la_planes
+        self.enc0 = UnetrBasicBlock(in_channels=vit.frames + self.planes, out_channels=ch[0], stride=1, **kw)
         self.skips = nn.ModuleList(
             UnetrPrUpBlock(in_channels=vit.dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
                            upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
@@ -85,7 +89,9 @@ class UNETRDecoder(nn.Module):
         def grid(tokens: Tensor) -> Tensor:  # (B, P*gh*gw, D) -> (B*P, D, gh, gw)
             return tokens.reshape(B * P, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous()
 
-        skips = [self.enc0(images.flatten(0, 1))] + [blk(grid(h)) for blk, h in zip(self.skips, hidden[:-1])]
+        plane = torch.eye(P, dtype=images.dtype, device=images.device)[None, :, :, None, None].expand(B, P, P, H, W)
+        x0 = torch.cat([images, plane], dim=2).flatten(0, 1)  # (B*P, T + P, H, W)
+        skips = [self.enc0(x0)] + [blk(grid(h)) for blk, h in zip(self.skips, hidden[:-1])]
         x = grid(hidden[-1])
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
@@ -94,11 +100,14 @@ class UNETRDecoder(nn.Module):
 
 class FinetuneModel(nn.Module):
     def __init__(self, task: str, encoder: nn.Module, vit: ViTConfig, *, n_out: int = 0, hidden: int = 256,
-                 seg_width: int = 576):
+                 seg_width: int = 576, feature_norm: str = "none"):
         super().__init__()
         self.task, self.encoder, self.vit = task, encoder, vit
         dim = encoder.dim if isinstance(encoder, ResNetEncoder) else (
             2048 if not isinstance(encoder, ViTEncoder) else vit.dim)
+        # standardised features for the pooled heads (task.feature_norm); part of the head, trained in every protocol
+        self.feature_norm = nn.BatchNorm1d(dim) if feature_norm == "batchnorm" and task != "segmentation" else (
+            nn.Identity())
         if task == "phenotypes":
             self.head = mlp(dim, hidden, n_out)
         elif task == "diseases":
@@ -130,11 +139,12 @@ class FinetuneModel(nn.Module):
             hidden[-1] = self.encoder.norm(hidden[-1])
             return {"seg": self.decoder(batch["image"], hidden)}
         f = self.features(batch)
+        h = self.feature_norm(f)
         if self.task == "phenotypes":
-            return {"targets": self.head(f), "features": f}
+            return {"targets": self.head(h), "features": f}
         if self.task == "diseases":
-            return {"logits": torch.cat([h(f) for h in self.heads], dim=1), "features": f}
-        return {"modality": self.modality(f), "view": self.view(f), "features": f}
+            return {"logits": torch.cat([head(h) for head in self.heads], dim=1), "features": f}
+        return {"modality": self.modality(h), "view": self.view(h), "features": f}
 
 
 def layer_id(name: str, depth: int) -> int:

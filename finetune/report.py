@@ -16,7 +16,8 @@ import numpy as np
 
 from data_prep.fsutil import atomic_write_text
 
-__all__ = ["markdown_table", "phenotype_table", "disease_table", "segmentation_table", "write_report"]
+__all__ = ["markdown_table", "phenotype_table", "disease_table", "segmentation_table", "volume_dice_table",
+           "write_report"]
 
 PathLike = Union[str, Path]
 
@@ -99,6 +100,16 @@ def segmentation_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
         rows.append(row)
     columns = ["Method"] + [f"{s} {m}" for s in structures for m in ("Dice", "HD95")]
     return markdown_table(rows, columns, floatfmt)
+
+
+def volume_dice_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], floatfmt: str = ".3f") -> str:
+    """Volume Dice per structure (mean ± std over subjects' volumes, n), one row per method
+    (`results[method]` is `metrics.volume_dice`-like)."""
+    structures = list(dict.fromkeys(s for res in results.values() for s in res))
+    rows = [{"Method": method, **{s: _pm(res.get(s, {}).get("dice", math.nan), res.get(s, {}).get("std"), floatfmt)
+                                  + f" (n={res.get(s, {}).get('n', 0)})" for s in structures}}
+            for method, res in results.items()]
+    return markdown_table(rows, ["Method", *structures], floatfmt)
 
 
 def write_report(path: PathLike, title: str, sections: Sequence[tuple[str, str]],

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.config import save_resolved_config
-from data_prep.format import LABELS, LA_VIEWS
+from data_prep.format import LA_VIEWS, LABELS, MODALITIES, SOURCE_LABEL_MAPS, VIEWS
 from data_prep.fsutil import atomic_path, atomic_write_text
 from finetune import figures, metrics, report
 from finetune.config import FinetuneConfig
@@ -51,7 +51,8 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
 
         encoder, vit, meta = load_encoder(cfg.encoder)
         meta = {"encoder": str(cfg.encoder), **meta}
-    model = FinetuneModel(cfg.task.name, encoder, vit, n_out=n_out, hidden=hidden, seg_width=cfg.task.seg_decoder_dim)
+    model = FinetuneModel(cfg.task.name, encoder, vit, n_out=n_out, hidden=hidden, seg_width=cfg.task.seg_decoder_dim,
+                          feature_norm=cfg.task.feature_norm)
     return model, meta
 
 
@@ -60,7 +61,8 @@ def datasets(cfg: FinetuneConfig, vit) -> dict[str, SubjectDataset]:
     kspace = MetaCLIPConfig(slices=t.slices, max_frames=t.max_frames, image_size=t.image_size)
     targets = t.targets if t.name == "phenotypes" else []
     return {split: SubjectDataset(cfg.data.dataset, split, t.name, vit, train=split == "train", seed=cfg.seed,
-                                  targets=targets, diseases=t.diseases, kspace=kspace, cache=cfg.data.cache)
+                                  targets=targets, diseases=t.diseases, kspace=kspace, cache=cfg.data.cache,
+                                  fraction=cfg.data.train_fraction if split == "train" else 1.0)
             for split in ("train", "val", "test")}
 
 
@@ -69,6 +71,24 @@ def target_stats(ds: SubjectDataset) -> tuple[np.ndarray, np.ndarray]:
     values = ds.targets_table().astype(np.float64)
     mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
     return mean, np.where(std > 0, std, 1.0)
+
+
+def seg_class_weights(ds: SubjectDataset, max_subjects: int = 200) -> np.ndarray:
+    """Per class sqrt(median frequency / frequency) over the labelled planes of up to `max_subjects` training
+    subjects (every 5th stored frame): the weights of `task.seg_class_weighting` (the square root: the full ratio
+    over-grew the atria and the myocardium on the demo); a class never seen gets the largest."""
+    g = ds.reader.group
+    counts = np.zeros(len(LABELS))
+    for key in ds.keys[:max_subjects]:
+        planes = np.flatnonzero(ds.reader.group["seg_valid"][ds.reader.rows[key]])
+        if len(planes):
+            seg = np.asarray(g["seg"].get_orthogonal_selection((ds.reader.rows[key], planes.tolist(),
+                                                                 slice(None, None, 5))))
+            counts += np.bincount(seg.ravel(), minlength=len(LABELS))[:len(LABELS)]
+    freq = counts / max(counts.sum(), 1)
+    seen = freq > 0
+    w = np.where(seen, np.median(freq[seen]) / np.where(seen, freq, 1), 0.0) if seen.any() else np.ones(len(LABELS))
+    return np.sqrt(np.where(seen, w, w.max() if seen.any() else 1.0))
 
 
 def disease_counts(ds: SubjectDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +113,7 @@ def loss_fn(cfg: FinetuneConfig, out: dict, batch: dict, stats: dict) -> torch.T
         logits, seg, valid = out["seg"].float(), batch["seg"], batch["seg_valid"]
         x = logits[valid].flatten(0, 1)  # (items, C, H, W): every frame of every labelled plane
         y = seg[valid].flatten(0, 1)[:, None]
-        return DiceCELoss(to_onehot_y=True, softmax=True)(x, y)
+        return DiceCELoss(to_onehot_y=True, softmax=True, weight=stats.get("seg_weight"))(x, y)
     view_ok = batch["view"] >= 0
     loss = F.cross_entropy(out["modality"].float(), batch["modality"])
     if view_ok.any():
@@ -196,10 +216,13 @@ def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, sp
         aps = [m["ap"] for m in per.values() if not math.isnan(m["ap"])]
         return {"per_disease": per, "primary": float(np.mean(aps)) if aps else float("nan")}
     if task == "segmentation":
-        res = metrics.segmentation_metrics(pred["pred"], pred["true"], pred["valid"], STRUCTURES, spacing)
-        dice = [r["dice"] for r in res.values() if not math.isnan(r["dice"])]
-        return {"per_structure": res, "frames_scored": pred["frames_scored"], "frames_stored": pred["frames_stored"],
-                "primary": float(np.mean(dice)) if dice else float("nan")}
+        P = pred["pred"].shape[1]
+        labels, groups = plane_label_sets(P), plane_groups(P)
+        volume = metrics.volume_dice(pred["pred"], pred["true"], pred["valid"], STRUCTURES, labels, groups)
+        res = metrics.segmentation_metrics(pred["pred"], pred["true"], pred["valid"], STRUCTURES, spacing, labels)
+        dice = [r["dice"] for r in volume.values() if not math.isnan(r["dice"])]
+        return {"volume_dice": volume, "per_structure": res, "frames_scored": pred["frames_scored"],
+                "frames_stored": pred["frames_stored"], "primary": float(np.mean(dice)) if dice else float("nan")}
     ok = pred["view"] >= 0
     res = {"modality_accuracy": metrics.accuracy(pred["modality_pred"], pred["modality"]),
            "modality_balanced_accuracy": metrics.balanced_accuracy(pred["modality_pred"], pred["modality"]),
@@ -209,14 +232,28 @@ def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, sp
     return {**res, "primary": float(np.nanmean([res["modality_accuracy"], res["view_accuracy"]]))}
 
 
+def _plane_views(P: int) -> list[str]:
+    return ["sa"] * (P - len(LA_VIEWS)) + list(LA_VIEWS)
+
+
+def plane_label_sets(P: int) -> list[tuple[int, ...]]:
+    """Per plane of the stack, the unified labels its ground truth can hold (`format.SOURCE_LABEL_MAPS`): LV, MYO,
+    RV on the short axis, LA on the 2-chamber view, LA and RA on the 4-chamber view, none on the 3-chamber view."""
+    return [tuple(sorted(set(SOURCE_LABEL_MAPS.get(v, {}).values()))) for v in _plane_views(P)]
+
+
+def plane_groups(P: int) -> list[int]:
+    """Volumes for volume Dice: the short-axis stack is one (3D+T), each long-axis view its own (2D+T)."""
+    return [0 if v == "sa" else 1 + i for i, v in enumerate(_plane_views(P))]
+
+
 def plane_spacing(ds: SubjectDataset, keys: list[str]) -> np.ndarray:
     """(N, P, 2) pixel spacing in mm per plane, from the conversion's metadata (HD95 in mm)."""
     P = ds.reader.group["image"].shape[1]
     out = np.ones((len(keys), P, 2))
     for i, k in enumerate(keys):
         px = ds.reader.meta(k).get("pixel_spacing_mm", {})
-        names = ["sa"] * (P - len(LA_VIEWS)) + list(LA_VIEWS)
-        out[i] = [[px.get(n, 1.0)] * 2 for n in names]
+        out[i] = [[px.get(n, 1.0)] * 2 for n in _plane_views(P)]
     return out
 
 
@@ -276,6 +313,8 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
         pos, neg = disease_counts(data["train"])
         w = neg / np.maximum(pos, 1) if cfg.task.class_weighting else np.ones(len(pos))
         stats = {"pos_weight": torch.tensor(w, dtype=torch.float32, device=device)}
+    if cfg.task.name == "segmentation" and cfg.task.seg_class_weighting:
+        stats = {"seg_weight": torch.tensor(seg_class_weights(data["train"]), dtype=torch.float32, device=device)}
     np_stats = {"mean": stats.get("mean_np"), "std": stats.get("std_np")}
 
     p = cfg.protocol
@@ -360,8 +399,71 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
               "val_primary": best, "test": test, "thresholds": thresholds, "n": {k: len(v) for k, v in data.items()},
               "seconds": time.perf_counter() - t0}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, default=float))
+    write_predictions(cfg, out_dir, data["test"], test_pred, thresholds)
     write_outputs(cfg, out_dir, result, test_pred)
     return result
+
+
+def write_predictions(cfg: FinetuneConfig, out_dir: Path, ds: SubjectDataset, pred: dict,
+                      thresholds: Optional[dict]) -> Path:
+    """Per-subject test predictions a user can open: `predictions.csv` (the key — the eid for UK Biobank — and
+    per phenotype the prediction and truth in original units; per disease the probability, the validation-chosen
+    threshold, the decision and the label; per k-space sequence modality and view), and for segmentation one
+    NIfTI per subject and plane under `predictions/` (H, W, 1, T, labels of `format.LABELS`) with the stored
+    plane's geometry."""
+    import csv
+    import io
+
+    task, rows = cfg.task.name, []
+    for i, key in enumerate(pred["key"]):
+        row: dict = {"key": key}
+        if task == "phenotypes":
+            for j, t in enumerate(cfg.task.targets):
+                row[f"{t}_pred"], row[f"{t}_true"] = float(pred["pred"][i, j]), float(pred["true"][i, j])
+        elif task == "diseases":
+            for j, d in enumerate(cfg.task.diseases):
+                prob, thr = float(pred["score"][i, j]), thresholds[d]
+                row.update({f"{d}_probability": prob, f"{d}_threshold": thr, f"{d}_predicted": int(prob >= thr),
+                            f"{d}_label": int(pred["label"][i, j])})
+        elif task == "modality_view":
+            ok = pred["view"][i] >= 0
+            row.update({"modality_pred": MODALITIES[pred["modality_pred"][i]],
+                        "modality_true": MODALITIES[pred["modality"][i]],
+                        "view_pred": VIEWS[pred["view_pred"][i]] if ok else "",
+                        "view_true": VIEWS[pred["view"][i]] if ok else ""})
+        else:
+            row["files"] = ";".join(str(p.relative_to(out_dir)) for p in _write_seg_nifti(out_dir, ds, pred, i))
+        rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["key"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
+    return out_dir / "predictions.csv"
+
+
+def _write_seg_nifti(out_dir: Path, ds: SubjectDataset, pred: dict, i: int) -> list[Path]:
+    """Subject i's predicted label maps, one NIfTI per plane (H, W, 1, frames scored) with the stored geometry:
+    the plane's affine from the conversion's metadata (`plane_affines`), else its pixel spacing."""
+    import nibabel as nib
+
+    key = pred["key"][i]
+    meta = ds.reader.meta(key)
+    planes = meta.get("planes") or [f"plane{p}" for p in range(pred["pred"].shape[1])]
+    spacing = meta.get("pixel_spacing_mm", {})
+    paths = []
+    for p, name in enumerate(planes):
+        affine = np.asarray(meta.get("plane_affines", {}).get(name, np.diag(
+            [spacing.get("sa" if name.startswith("sa") else name, 1.0)] * 2 + [1.0, 1.0])), np.float64)
+        img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(pred["pred"][i, p]).transpose(1, 2, 0)[:, :, None]),
+                              affine)
+        img.header.set_xyzt_units("mm", "msec")
+        path = out_dir / "predictions" / str(key) / f"{name}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:  # the temp name ends in .nii.gz: nibabel compresses
+            nib.save(img, str(tmp))
+        paths.append(path)
+    return paths
 
 
 def write_outputs(cfg: FinetuneConfig, out_dir: Path, result: dict, pred: dict) -> None:
@@ -379,6 +481,9 @@ def write_outputs(cfg: FinetuneConfig, out_dir: Path, result: dict, pred: dict) 
                                           fig_dir / "roc_pr.png"))
         sections.append(("Test classification", report.disease_table({result["method"]: test["per_disease"]})))
     elif task == "segmentation":
+        sections.append(("Test volume Dice (per subject: the short-axis stack 3D+T, each long-axis view 2D+T; a "
+                         "structure only on planes labelled with it)",
+                         report.volume_dice_table({result["method"]: test["volume_dice"]})))
         P = pred["images"].shape[1]
         sa = P - len(LA_VIEWS)
         views = [(0, "SA base"), (sa // 2, "SA mid"), (sa - 1, "SA apex"), (sa, "2ch"), (sa + 2, "4ch")]
@@ -386,7 +491,8 @@ def write_outputs(cfg: FinetuneConfig, out_dir: Path, result: dict, pred: dict) 
         figs.append(figures.segmentation_overlay(
             np.stack([pred["images"][i, p, 0] for p, _ in views]), np.stack([pred["true"][i, p, 0] for p, _ in views]),
             np.stack([pred["pred"][i, p, 0] for p, _ in views]), [t for _, t in views], fig_dir / "segmentation.png"))
-        sections.append(("Test segmentation", report.segmentation_table({result["method"]: test["per_structure"]})))
+        sections.append(("Test segmentation per 2D frame (secondary)",
+                         report.segmentation_table({result["method"]: test["per_structure"]})))
     else:
         sections.append(("Test classification", report.markdown_table(
             [{"method": result["method"], **{k: v for k, v in test.items() if k != "primary"}}],

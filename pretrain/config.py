@@ -99,10 +99,15 @@ class DataConfig:
     flip: bool = True  # horizontal flip, per plane with p = 0.5
     contrast: float = 0.1  # gamma in [1 - contrast, 1 + contrast] per sample; 0: off
     seg: bool = False  # also load the segmentation (off for Stage I/II: saves reading and buffer memory)
+    # train on a nested subset of the split: the N keys with the smallest salted hash (the 50-subject set lies inside
+    # the 100-subject one; more converted subjects never reorder it); samples_per_epoch follows it. None: all
+    subjects: Optional[int] = None
 
     def __post_init__(self):
         if self.shuffle_buffer < 0 or self.workers < 0 or self.frames < 1:
             raise ValueError("data: shuffle_buffer >= 0, workers >= 0 and frames >= 1 are required")
+        if self.subjects is not None and self.subjects < 1:
+            raise ValueError(f"data: subjects must be >= 1 (or null for all), got {self.subjects}")
         if self.rotation_deg < 0 or not 0.0 <= self.contrast < 1.0:
             raise ValueError(f"data: rotation_deg >= 0 and 0 <= contrast < 1 are required, got "
                              f"{self.rotation_deg}, {self.contrast}")
@@ -130,7 +135,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     image_every: int = 500  # reconstruction grids in TensorBoard every this many steps; 0: never
-    eval_every: int = 0  # contrastive stages: validation retrieval + loss every this many steps (and at the end); 0: never
+    # validation every this many steps and at the end (0: never): Stage I reconstruction PSNR beside a constant and
+    # the training mean image; contrastive stages retrieval + loss
+    eval_every: int = 0
     eval_samples: int = 2048  # at most this many validation samples (split over the ranks)
     eval_split: str = "val"  # the split evaluated ("train" only for tiny data: in-sample retrieval)
     deepspeed_dir: Path = Path("configs/deepspeed")  # zero<stage>.json: ZeRO tuning; batch/precision come from here

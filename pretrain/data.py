@@ -29,6 +29,16 @@ The per-slot stream (infinite, re-permuted every epoch)
     All random numbers come from NumPy's PCG64 raw output under SeedSequence (streams NumPy guarantees stable
     across versions), never from global random state.
 
+A nested subset of the split (`DataConfig.subjects` = N, for scaling studies)
+    The N keys of the split's shards with the smallest salted hash of the key (`nested_subset`): the 50-key
+    subset lies inside the 100-key one, and a key's rank depends on nothing but the keys, so converting more
+    subjects into the dataset never reorders the existing ones (a new key enters a subset only by outranking one).
+    Each shard then counts only its kept samples (shards with none are left out), the others are skipped unread
+    (tar headers only: a local shard is seeked over), and everything above -- permutations, slots, the shuffle
+    buffer on ordinals, exact resume -- runs on those counts unchanged. `samples_per_epoch` is the subset's size.
+    The loader state also carries the subset's digest (a hash of its sorted keys): resuming under another subset
+    (another N, or a grown dataset whose N smallest hashes changed) is an approximate resume by count.
+
 Per-sample transform: a pure function of (seed, key, epoch), never of order, slot or worker
     decode with `UKBSample.from_wds`; select `frames` of the stored T at round(linspace(0, T - 1, frames))
     (ViTa: 5 of 50), optionally shifted cyclically by a random offset below one frame spacing (cine is one
@@ -51,6 +61,7 @@ State and resume
     interleaving. All ranks step in lockstep with one batch size, so n is the same on every rank.
 
     state_dict() = {"consumed": n, "world_size": W, "workers": K, "seed": seed, "samples_per_epoch": N}
+                   (+ "subset": the subset's digest when `subjects` restricts the split)
 
     load_state_dict, same W, same max(K, 1), same dataset (samples_per_epoch): exact. Each slot finds its
     (epoch, offset) from its position, skips WHOLE shards by their manifest sample counts without opening them,
@@ -72,7 +83,8 @@ State and resume
 Public API
     build_loader(dataset_dir, cfg, *, rank, world_size, batch_size, seed, split="train", planes=None, frames=None)
         -> ResumableLoader (iterable of batches: dict of stacked tensors, "key" a list of str)
-    samples_per_epoch(dataset_dir, split="train") -> int
+    samples_per_epoch(dataset_dir, split="train", subjects=None) -> int
+    nested_subset(keys, n), subset_shards(shards, manifest, n): the subset of `DataConfig.subjects`
     plus the pieces, for tests and other loaders: list_shards, epoch_shards, locate, slot_positions,
     slot_stream, ShuffleBuffer, SampleTransform, select_frames, augment_params, augment_image, collate.
     KSpaceTransform (pass as `transform=`): the same streams of converted k-space sequences, as MetaCLIP-CMR
@@ -91,7 +103,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -143,8 +155,9 @@ def _key_word(key: str) -> int:
 @dataclass(frozen=True)
 class Shard:
     url: str  # a local path (anything webdataset's gopen opens)
-    samples: int
+    samples: int  # samples read from it (the kept ones when `keep` is set)
     block: int
+    keep: Optional[frozenset] = None  # None: every sample; else only these keys (a nested subset), in tar order
 
 
 def read_manifest(dataset_dir: PathLike) -> dict:
@@ -161,9 +174,68 @@ def list_shards(dataset_dir: PathLike, split: str = "train", manifest: Optional[
     return [Shard(str(Path(dataset_dir) / s["path"]), int(s["samples"]), int(s["block"])) for s in rows]
 
 
-def samples_per_epoch(dataset_dir: PathLike, split: str = "train") -> int:
-    """Samples of the split in the manifest's shards (one pass over the data)."""
-    return sum(s.samples for s in list_shards(dataset_dir, split))
+def samples_per_epoch(dataset_dir: PathLike, split: str = "train", subjects: Optional[int] = None) -> int:
+    """Samples of the split in the manifest's shards (one pass over the data); of its nested subset of
+    `subjects` keys when given."""
+    shards = list_shards(dataset_dir, split)
+    if subjects is not None:
+        shards, _ = subset_shards(shards, read_manifest(dataset_dir), subjects)
+    return sum(s.samples for s in shards)
+
+
+# --- nested subsets of a split (scaling studies) ----------------------------------------------------------------
+SUBSET_SALT = "cmrfm-subset-v1"
+
+
+def subset_rank(key: str) -> tuple[int, str]:
+    """A key's place in every nested subset: its salted hash (ties, practically never, by the key)."""
+    return int.from_bytes(hashlib.sha256(f"{SUBSET_SALT}:{key}".encode()).digest()[:8], "big"), key
+
+
+def nested_subset(keys: Iterable[str], n: int) -> list[str]:
+    """The min(n, len(keys)) keys of smallest `subset_rank`, in that order: nested in n, and stable when keys are
+    added (an existing key's rank among the others never changes)."""
+    if n < 0:
+        raise ValueError(f"subset size must be >= 0, got {n}")
+    return sorted(set(keys), key=subset_rank)[:n]
+
+
+def shard_keys(shard: Shard) -> list[str]:
+    """The sample keys of a tar shard in order, from its headers (member data is seeked over, not read)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    keys: list[str] = []
+    with tarfile.open(shard.url, mode="r:") as tar:
+        for info in tar:
+            prefix, _ = base_plus_ext(info.name) if info.isreg() else (None, None)
+            if prefix is not None and not prefix.startswith("__") and (not keys or keys[-1] != prefix):
+                keys.append(prefix)
+    return keys
+
+
+def subset_shards(shards: Sequence[Shard], manifest: dict, n: int) -> tuple[list[Shard], str]:
+    """The shards restricted to the nested subset of n keys of all their samples: each with its kept keys and
+    count, shards without any left out, in the same order; and the subset's digest (a hash of its sorted keys).
+    A shard's keys come from the manifest's block list (the tar headers when the manifest has none)."""
+    by_block = {int(b["id"]): list(b["keys"]) for b in manifest.get("blocks", [])}
+    keys = {s.block: by_block[s.block] if s.block in by_block else shard_keys(s) for s in shards}
+    for s in shards:
+        if len(keys[s.block]) != s.samples:
+            raise ValueError(f"{s.url}: the manifest lists {len(keys[s.block])} keys and {s.samples} samples")
+    chosen = nested_subset([k for s in shards for k in keys[s.block]], n)
+    if len(chosen) < n:
+        warnings.warn(f"data.subjects={n}, but the split has only {len(chosen)} samples: using all of them",
+                      stacklevel=2)
+    kept = set(chosen)
+    out = []
+    for s in shards:
+        mine = frozenset(k for k in keys[s.block] if k in kept)
+        if mine:
+            out.append(replace(s, samples=len(mine), keep=mine))
+    digest = hashlib.sha256("\n".join(sorted(kept)).encode()).hexdigest()[:16]
+    return out, digest
 
 
 def tabular_stats(manifest: dict) -> Optional[dict]:
@@ -238,11 +310,37 @@ class ShuffleBuffer:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
-def _read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one tar shard ({"__key__", "image.arr": bytes, ...}); nothing is decoded."""
-    from webdataset.tariterators import tarfile_samples
+def _read_shard(url: str, keep: Optional[frozenset] = None) -> Iterator[dict]:
+    """Raw samples of one tar shard ({"__key__", "image.arr": bytes, ...}); nothing is decoded. `keep`: only the
+    samples with these keys; the others' member data is seeked over in a local file (read and dropped in a
+    stream)."""
+    from webdataset.tariterators import base_plus_ext, tarfile_samples
 
-    yield from tarfile_samples([{"url": url}])
+    if keep is None:
+        yield from tarfile_samples([{"url": url}])
+        return
+    if not Path(url).is_file():
+        yield from (raw for raw in tarfile_samples([{"url": url}]) if raw["__key__"] in keep)
+        return
+    import tarfile
+
+    current: Optional[dict] = None
+    with tarfile.open(url, mode="r:") as tar:  # seekable: next() skips a member's data with a seek
+        for info in tar:
+            prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
+            if prefix is None or prefix.startswith("__") or prefix not in keep:
+                continue
+            if current is not None and current["__key__"] != prefix:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                raise ValueError(f"{url}: duplicate file {info.name}")
+            current[suffix] = tar.extractfile(info).read()
+    if current is not None:
+        yield current
 
 
 def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: int, slot: int, buffer: int,
@@ -275,7 +373,8 @@ def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: i
         if starts[j + 1] <= first:
             continue  # skipped whole, never opened
         n = 0
-        for raw in _read_shard(shards[i].url):
+        keep = shards[i].keep
+        for raw in (_read_shard(shards[i].url) if keep is None else _read_shard(shards[i].url, keep)):
             o = starts[j] + n
             n += 1
             if o < read:  # consumed before the interruption, or waiting in the buffer
@@ -557,12 +656,14 @@ class ResumableLoader:
     before a `load_state_dict` or a newer `iter()` stops being valid.
     """
 
-    def __init__(self, dataset: RankDataset, *, batch_size: int, samples_per_epoch: int, pin_memory: bool = False):
+    def __init__(self, dataset: RankDataset, *, batch_size: int, samples_per_epoch: int, pin_memory: bool = False,
+                 subset: Optional[str] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
+        self.subset = subset  # the digest of a nested subset (`subset_shards`), None: the whole split
         self.pin_memory = pin_memory
         self.rank, self.world_size, self.workers = dataset.rank, dataset.world_size, dataset.workers
         self.seed = dataset.seed
@@ -614,8 +715,11 @@ class ResumableLoader:
             del it  # shuts the workers down
 
     def state_dict(self) -> dict:
-        return {"consumed": self._consumed, "world_size": self.world_size, "workers": self.workers,
-                "seed": self.seed, "samples_per_epoch": self.samples_per_epoch}
+        state = {"consumed": self._consumed, "world_size": self.world_size, "workers": self.workers,
+                 "seed": self.seed, "samples_per_epoch": self.samples_per_epoch}
+        if self.subset is not None:
+            state["subset"] = self.subset
+        return state
 
     def load_state_dict(self, state: dict) -> bool:
         """Continue where `state` left off; True if exactly, False if approximately (see the module docstring).
@@ -631,7 +735,8 @@ class ResumableLoader:
                              f"seed would change every permutation and augmentation")
         n, W, K = int(state["consumed"]), int(state["world_size"]), int(state["workers"])
         same_layout = W == self.world_size and max(K, 1) == max(self.workers, 1)
-        same_data = int(state["samples_per_epoch"]) == self.samples_per_epoch
+        same_data = (int(state["samples_per_epoch"]) == self.samples_per_epoch
+                     and state.get("subset") == self.subset)
         self._generation += 1
         if same_layout and same_data:
             self._consumed, self.resume_exact = n, True
@@ -639,7 +744,9 @@ class ResumableLoader:
         total = int(state.get("consumed_global", n * W))
         self._consumed, self.resume_exact = total // self.world_size, False
         why = (f"world size {W} -> {self.world_size}, workers {K} -> {self.workers}" if not same_layout else
-               f"the dataset changed ({state['samples_per_epoch']} -> {self.samples_per_epoch} samples per epoch)")
+               f"the dataset changed ({state['samples_per_epoch']} -> {self.samples_per_epoch} samples per epoch)"
+               if int(state["samples_per_epoch"]) != self.samples_per_epoch else
+               f"the subset changed ({state.get('subset')} -> {self.subset})")
         log.warning("approximate loader resume (%s): continuing at global sample %d (%d per rank); samples near "
                     "the boundary may repeat or be skipped once", why, total, self._consumed)
         return False
@@ -659,6 +766,11 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
     shards = list_shards(dataset_dir, split, manifest)
     if not shards:
         raise ValueError(f"{dataset_dir}: no {split!r} shards in the manifest")
+    subset = None
+    if cfg.subjects is not None:
+        shards, subset = subset_shards(shards, manifest, cfg.subjects)
+        log.info("data.subjects=%d: %d %s samples in %d shards (subset %s)", cfg.subjects,
+                 sum(s.samples for s in shards), split, len(shards), subset)
     slots = world_size * max(cfg.workers, 1)
     if len(shards) < slots:
         warnings.warn(f"{len(shards)} {split} shards for {slots} loader slots: slots share shards, so every epoch "
@@ -670,4 +782,4 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
     ds = RankDataset(shards, transform, rank=rank, world_size=world_size, workers=cfg.workers, seed=int(seed),
                      shuffle_buffer=cfg.shuffle_buffer, drop=drop)
     return ResumableLoader(ds, batch_size=batch_size, samples_per_epoch=sum(s.samples for s in shards),
-                           pin_memory=torch.cuda.is_available())
+                           pin_memory=torch.cuda.is_available(), subset=subset)

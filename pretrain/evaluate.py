@@ -11,6 +11,11 @@ that is dropped). The embeddings are gathered to every rank and scored there:
                 images?
   loss          the stage's contrastive loss over consecutive chunks of `global_batch` validation samples (the
                 training batch size, so the value compares with the training loss), averaged.
+
+Stage I (MAE) is scored by its reconstruction PSNR on the masked patches of validation samples (fixed masks),
+beside two references on exactly the same patches, so that a number means something: a constant image (the
+training mean intensity) and the per-position mean image of the training samples. A model that does not beat the
+mean image has learned nothing about the individual subject.
 """
 
 from __future__ import annotations
@@ -94,6 +99,67 @@ def embed_split(embed: Callable[[dict], dict[str, Tensor]], shards: Sequence[Sha
                 continue
             out.setdefault(name, []).append(v)
     return {name: torch.cat(v) if isinstance(v[0], Tensor) else sum(v, []) for name, v in out.items()}
+
+
+@torch.no_grad()
+def mean_image(shards: Sequence[Shard], transform: Callable, limit: int, device: torch.device) -> Tensor:
+    """Collective. The per-position mean image (P, T, H, W) of up to `limit` samples per rank of `shards`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    total, count = None, 0
+    for shard in shards[rank::world]:
+        for raw in _read_shard(shard.url):
+            if count == limit:
+                break
+            img = transform(raw, 0)["image"].double()
+            total = img if total is None else total + img
+            count += 1
+    shape = torch.tensor(list(total.shape) if total is not None else [0] * 4, dtype=torch.float64)
+    if world > 1:  # a rank with no samples still takes part, with the shape of the others
+        shape = shape.to(device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX)
+    shape = [int(x) for x in shape.cpu().tolist()]
+    buf = torch.zeros(int(np.prod(shape)) + 1, dtype=torch.float64, device=device)
+    if total is not None:
+        buf[:-1] = total.flatten().to(device)
+    buf[-1] = count
+    if world > 1:
+        dist.all_reduce(buf)
+    return (buf[:-1] / buf[-1].clamp(min=1)).reshape(shape).float().cpu()
+
+
+@torch.no_grad()
+def mae_metrics(model, shards: Sequence[Shard], transform: Callable, reference: Tensor, *, batch_size: int,
+                limit: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Collective. Mean over validation samples of the PSNR (dB, data range 1) on each sample's masked patches:
+    the model's reconstruction (`psnr`), the training mean image `reference` (`psnr_mean_image`) and its mean
+    intensity as a constant image (`psnr_constant`). Masks come from a generator seeded by (seed, rank, batch),
+    so a checkpoint is scored on the same patches every time."""
+    from pretrain.models.vit import patchify
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    patch = model.vit_cfg.patch
+    ref = patchify(reference[None].float(), patch)  # (1, L, D)
+    counter = [0]
+
+    def score(batch: dict) -> dict[str, Tensor]:
+        images = batch["image"].to(device, dtype)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + rank) * 65_537 + counter[0])
+        counter[0] += 1
+        out = model(images, generator=gen)
+        target, mean, std = model._target(images)
+        m = out["mask"].float()
+
+        def psnr(x: Tensor) -> Tensor:
+            err = ((x.float() - target) ** 2).mean(dim=-1)
+            mse = (err * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+            return (10.0 * torch.log10(1.0 / mse.clamp(min=1e-10)))[:, None].cpu()
+
+        r = ref.to(target.device).expand_as(target)
+        return {"psnr": psnr((out["pred"].float() * std + mean).clamp(0.0, 1.0)), "psnr_mean_image": psnr(r),
+                "psnr_constant": psnr(torch.full_like(target, float(reference.mean())))}
+
+    emb = embed_split(score, shards, transform, batch_size=batch_size, limit=limit)
+    return {k: float(emb[k].mean()) for k in ("psnr", "psnr_mean_image", "psnr_constant")} | {"n": len(emb["key"])}
 
 
 def _chunked_mean(n: int, size: int, fn: Callable[[slice], Tensor]) -> float:

@@ -138,8 +138,10 @@ def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: 
 
 
 def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: dict, device: torch.device,
-             dtype: torch.dtype) -> dict:
-    """Collective: validation retrieval and loss of a contrastive stage (`pretrain/evaluate.py`)."""
+             dtype: torch.dtype, cache: dict) -> dict:
+    """Collective: validation of a stage (`pretrain/evaluate.py`): Stage I reconstruction PSNR against its two
+    references (the training mean image is computed once and kept in `cache`); retrieval and loss of a
+    contrastive stage."""
     from pretrain import evaluate as ev
     from pretrain.data import list_shards
 
@@ -152,6 +154,12 @@ def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: dict, device
     was_training = model.training
     model.eval()
     try:
+        if cfg.stage == "mae":
+            if "mean_image" not in cache:
+                cache["mean_image"] = ev.mean_image(list_shards(cfg.data.dataset, "train", manifest), transform,
+                                                    limit, device)
+            return ev.mae_metrics(model, shards, transform, cache["mean_image"], batch_size=cfg.train.micro_batch,
+                                  limit=limit, seed=cfg.train.seed, device=device, dtype=dtype)
         if cfg.stage == "tabular_clip":
             emb = ev.embed_split(lambda b: model.embed(**model_inputs(cfg, b, device, dtype)), shards, transform,
                                  batch_size=cfg.train.micro_batch, limit=limit)
@@ -278,6 +286,7 @@ def train(cfg: PretrainConfig) -> dict:
     stop = StopSignal()
     quality = "psnr" if cfg.stage == "mae" else "acc"  # reconstruction PSNR (dB) / in-batch retrieval accuracy
     batches = iter(loader)
+    eval_cache: dict = {}
     t_last, wait, n_last = time.perf_counter(), 0.0, 0
 
     # --- the loop ---
@@ -320,8 +329,8 @@ def train(cfg: PretrainConfig) -> dict:
                 print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} {quality} {row[quality]:.3f} "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
-        if cfg.stage != "mae" and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
-            val = evaluate(cfg, engine.module, manifest, device, dtype)
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
+            val = evaluate(cfg, engine.module, manifest, device, dtype, eval_cache)
             if rank == 0 and val:
                 metrics.write(json.dumps({"step": step, "samples": samples, "split": "val", **val}) + "\n")
                 metrics.flush()

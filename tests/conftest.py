@@ -56,8 +56,9 @@ def kspace24(tmp_path_factory, ray_cluster) -> Path:
 
 
 def convert_ukb_tiny(cohort: Path, out: Path, block_size: int, val: float, test: float) -> int:
-    """A synthetic cohort through the real UK Biobank job at the tiny models' geometry (3 SA + 3 LA planes, 32^2
-    crops); returns the number of subjects written."""
+    """A synthetic cohort through the real UK Biobank job at the demo's geometry (configs/data_prep/ukb_demo.yaml:
+    3 SA slices spread base to apex + 3 LA planes, a 115.2 mm field of view on 32^2 pixels); returns the number
+    of subjects written."""
     from data_prep.jobs.engine import JobConfig
     from data_prep.jobs.ukb import UKBJobConfig, run
     from data_prep.preprocess_ukb import UKBPreprocessConfig
@@ -65,7 +66,7 @@ def convert_ukb_tiny(cohort: Path, out: Path, block_size: int, val: float, test:
     cfg = UKBJobConfig(src=cohort / "ukb", tabular=cohort / "ukb_tabular.csv",
                        features=ROOT / "configs/data_prep/ukb_features.yaml",
                        job=JobConfig(out=out, block_size=block_size, workers=2, val_fraction=val, test_fraction=test),
-                       preprocess=UKBPreprocessConfig(sa_planes=3, crop=32))
+                       preprocess=UKBPreprocessConfig(sa_planes=3, crop=32, fov_mm=115.2, sa_selection="spread"))
     report, _ = run(cfg, progress=False)
     return report.counts["written"]
 

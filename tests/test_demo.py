@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,31 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
         assert section.lower() in report.lower(), f"{section} missing from the report"
     assert list(demo.glob("**/*.png")), "no figures"
     assert "Stage II (image-tabular CLIP): validation image to table top-1 over" in report
+    # the headline figures under stable keys, and the report's targets computed from exactly those
+    summary = json.loads((demo / "summary.json").read_text())
+    assert {"stage1", "stage2", "phenotypes", "linear_probe", "label_efficiency", "diseases", "segmentation",
+            "modality_view", "targets"} <= set(summary)
+    assert {"psnr", "psnr_mean_image", "psnr_constant"} <= set(summary["stage1"])
+    assert {"mean_guess", "vit_scratch", "mae", "vita"} <= set(summary["phenotypes"]["mae_ratio"])
+    assert set(summary["linear_probe"]["mae_ratio"]) == {"random", "mae", "vita"}
+    assert set(summary["label_efficiency"]["mae_ratio"]["vita"]) == {"0.1", "0.25", "0.5", "1"}
+    assert set(summary["segmentation"]["volume_dice"]) == {"LV", "MYO", "RV", "LA", "RA"}
+    targets = report[report.index("## Targets"):]
+    assert f"{sum(t['met'] for t in summary['targets'])} of {len(summary['targets'])} met" in targets
+    for t in summary["targets"]:
+        assert f"| {t['target']} |" in targets and ("| met |" if t["met"] else "| NOT met |") in targets
+    # per-subject predictions: a CSV per task, and the segmentation as NIfTI with the stored geometry
+    rows = (demo / "finetune/phenotypes/vita/predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("key,LVEDV_pred,LVEDV_true") and len(rows) > 1
+    assert "cad_threshold" in (demo / "finetune/diseases/predictions.csv").read_text().splitlines()[0]
+    niftis = list((demo / "finetune/segmentation/predictions").glob("*/sa_0.nii.gz"))
+    assert niftis
+    import nibabel as nib
+
+    img = nib.load(niftis[0])
+    spacing = json.loads((demo / "data/ukb/manifest.json").read_text())["config"]["preprocess"]
+    assert img.shape[:3] == (32, 32, 1)
+    assert abs(np.linalg.norm(img.affine[:3, :2], axis=0) - spacing["fov_mm"] / spacing["crop"]).max() < 1e-3
 
     # a third run has nothing left to do
     third = subprocess.run(_make(demo, "-q", str(demo / "report.md")), cwd=ROOT, capture_output=True, text=True)

@@ -13,7 +13,8 @@ from sklearn import metrics as skm
 
 from finetune import figures, report
 from finetune.metrics import (accuracy, balanced_accuracy, choose_threshold, classification_metrics,
-                              mean_guess_metrics, regression_metrics, retrieval_topk, segmentation_metrics)
+                              mean_guess_metrics, regression_metrics, retrieval_topk, segmentation_metrics,
+                              volume_dice)
 
 # ------------------------------------------------------------------------------------------------- regression
 
@@ -305,3 +306,40 @@ def test_write_report_links_figures_and_leaves_no_temp(tmp_path):
     assert "![curves](figures/curves.png)" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "report.md"]
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["curves.png"]
+
+
+def test_volume_dice_hand_made_masks():
+    """Dice over each subject's volume (SA stack pooled, LA views each on its own), hand-computed; a structure is
+    scored only on planes whose ground truth can hold it; absent in both -> left out; absent in one -> 0."""
+    # 1 subject, planes: sa_0, sa_1, la_2ch, la_4ch; 2 frames of 4 x 4
+    true = np.zeros((1, 4, 2, 4, 4), np.uint8)
+    pred = np.zeros_like(true)
+    true[0, 0, :, :2, :2] = 1  # LV: 4 px x 2 frames on sa_0
+    true[0, 1, 0, :2, :2] = 1  # and 4 px on sa_1 frame 0  -> 12 px in the SA volume
+    pred[0, 0, :, :2, :2] = 1  # 8 px overlap on sa_0
+    pred[0, 1, 1, :2, :2] = 1  # 4 px on sa_1 frame 1, no overlap  -> pred 12 px, overlap 8
+    pred[0, 2, :, :2, :2] = 1  # LV predicted on the 2-chamber view: its ground truth has no LV, never counted
+    true[0, 3, 0, 2:, 2:] = 5  # RA on the 4-chamber view, missed entirely -> 0
+    true[0, 2, :, 0, 0] = 4  # LA on the 2-chamber view, found exactly -> 1
+    pred[0, 2, :, 0, 0] = 4
+    labels = {1: "LV", 2: "MYO", 4: "LA", 5: "RA"}
+    plane_labels = [(1, 2, 3), (1, 2, 3), (4,), (4, 5)]
+    groups = [0, 0, 1, 2]
+    res = volume_dice(pred, true, np.ones((1, 4), bool), labels, plane_labels, groups)
+    assert res["LV"]["dice"] == pytest.approx(2 * 8 / (12 + 12)) and res["LV"]["n"] == 1
+    assert math.isnan(res["MYO"]["dice"]) and res["MYO"]["n"] == 0  # absent in both: undefined, left out
+    assert res["LA"]["n"] == 1 and res["LA"]["dice"] == 1.0  # the 4-chamber view has no LA in either: left out
+    assert res["RA"]["dice"] == 0.0 and res["RA"]["n"] == 1
+    # a spurious structure on a plane labelled with it counts as 0
+    pred2 = pred.copy()
+    pred2[0, 3, 1, 0, 0] = 4
+    assert volume_dice(pred2, true, np.ones((1, 4), bool), labels, plane_labels, groups)["LA"]["n"] == 2
+    # an unlabelled plane (valid False) is not scored at all
+    valid = np.array([[True, True, False, True]])
+    assert volume_dice(pred, true, valid, labels, plane_labels, groups)["LA"]["n"] == 0
+    # the per-frame metric with the same label sets no longer scores the LV predicted on the 2-chamber view
+    frame = segmentation_metrics(pred, true, np.ones((1, 4), bool), {1: "LV"}, plane_labels=plane_labels)
+    assert frame["LV"]["n"] == 4  # sa_0 f0, f1 (both present), sa_1 f0 (missed), f1 (spurious); not la_2ch
+    assert segmentation_metrics(pred, true, np.ones((1, 4), bool), {1: "LV"})["LV"]["n"] == 6
+    with pytest.raises(ValueError):
+        volume_dice(pred, true, np.ones((1, 3), bool), labels, plane_labels, groups)

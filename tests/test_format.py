@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.format import (DISEASES, PHENOTYPES, KSpaceSample, UKBSample, decode_array, encode_array, plane_names,
-                              split_of)
+from data_prep.format import (DISEASES, PHENOTYPES, SPLITS, KSpaceSample, UKBSample, decode_array, encode_array,
+                              plane_names, split_of, stratified_group_splits)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8, np.int8, np.int16, bool])
@@ -51,6 +51,61 @@ def test_split_is_stable_and_balanced():
     frac = {s: splits.count(s) / len(keys) for s in ("train", "val", "test")}
     assert abs(frac["train"] - 0.8) < 0.02 and abs(frac["val"] - 0.1) < 0.01 and abs(frac["test"] - 0.1) < 0.01
     assert [split_of(k) for k in keys[:100]] == splits[:100]  # a function of the key alone
+
+
+def _units(n_groups: int, strata: int, seed: int = 0) -> dict[str, dict[str, int]]:
+    """Groups (patients) of 1-6 items over `strata` strata, uneven as in a real archive."""
+    rng = np.random.default_rng(seed)
+    units = {}
+    for g in range(n_groups):
+        u: dict[str, int] = {}
+        for s in rng.choice(strata, size=int(rng.integers(1, 7))):
+            u[f"s{s}"] = u.get(f"s{s}", 0) + 1
+        units[f"C{g % 7}/P{g:04d}"] = u
+    return units
+
+
+def _counts(units, assigned) -> dict[str, dict[str, int]]:
+    c: dict[str, dict[str, int]] = {}
+    for g, u in units.items():
+        for s, n in u.items():
+            c.setdefault(s, dict.fromkeys(SPLITS, 0))[assigned[g]] += n
+    return c
+
+
+def test_stratified_group_splits_balance_every_stratum():
+    units = _units(400, 10)
+    a = stratified_group_splits(units, val_fraction=0.2, test_fraction=0.2)
+    assert set(a) == set(units) and set(a.values()) == set(SPLITS)
+    for s, c in _counts(units, a).items():
+        n = sum(c.values())
+        for p, f in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+            assert abs(c[p] - f * n) <= 4, (s, c)  # a stratum follows the fractions to a few items
+    # a function of the groups, not of their order
+    assert stratified_group_splits(dict(reversed(list(units.items()))), val_fraction=0.2, test_fraction=0.2) == a
+    # no val / test fraction: everything in train
+    assert set(stratified_group_splits(units, val_fraction=0.0, test_fraction=0.0).values()) == {"train"}
+
+
+def test_stratified_group_splits_never_move_what_is_placed():
+    units = _units(300, 10, seed=1)
+    old = dict(list(units.items())[:150])
+    first = stratified_group_splits(old, val_fraction=0.2, test_fraction=0.2)
+    # the archive grows: new groups, and new items of old groups
+    grown = {g: dict(u) for g, u in units.items()}
+    for g in list(old)[:40]:
+        grown[g]["s99"] = grown[g].get("s99", 0) + 1
+    new_units = {g: (u if g not in old else {s: n - old[g].get(s, 0) for s, n in u.items() if n - old[g].get(s, 0)})
+                 for g, u in grown.items()}
+    new_units = {g: u for g, u in new_units.items() if u}
+    second = stratified_group_splits(new_units, counts=_counts(old, first), fixed=first, val_fraction=0.2,
+                                     test_fraction=0.2)
+    assert all(second[g] == first[g] for g in second if g in first)  # old patients keep their split
+    everything = {**first, **second}
+    for s, c in _counts(grown, everything).items():
+        if s != "s99":
+            n = sum(c.values())
+            assert min(c.values()) > 0 and abs(c["test"] - 0.2 * n) <= 5, (s, c)
 
 
 def test_plane_order():

@@ -152,6 +152,9 @@ def test_texts(scans, written):
         "blackblood": ("black-blood", "short-axis"),
         "cine_lvot": ("cine", "LVOT"),
         "cine_lax": ("cine", "two-chamber", "three-chamber", "four-chamber", "long-axis"),
+        "cine_lax_2ch": ("cine", "two-chamber long-axis"),
+        "cine_lax_3ch": ("cine", "three-chamber long-axis"),
+        "cine_lax_4ch": ("cine", "four-chamber long-axis"),
     }
     for name, meta in metas.items():
         scan = scans[name]

@@ -70,8 +70,16 @@ STEPS = ["train.epochs=12", "train.samples_per_epoch=16", "checkpoint.every_step
 
 
 def test_loss_falls_with_zero2_on_two_cpu_ranks(shards, tmp_path):
-    out = _run(tmp_path / "run", shards, *STEPS, "train.zero_stage=2", "train.image_every=4")
+    out = _run(tmp_path / "run", shards, *STEPS, "train.zero_stage=2", "train.image_every=4", "train.eval_every=12",
+               "train.eval_split=train")
     m = _metrics(tmp_path / "run")
+    # Stage I validation (in-sample here: 4 subjects): PSNR on fixed masked patches beside its two references
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert [v["step"] for v in val] == [12, 24] and all(v["n"] == 4 for v in val)
+    for v in val:
+        assert v["psnr_mean_image"] > v["psnr_constant"] > 0  # the mean image beats its own mean intensity
+    assert val[0]["psnr_mean_image"] == val[1]["psnr_mean_image"]  # the same patches and reference each time
+    assert val[1]["psnr"] > val[0]["psnr"]
     steps = sorted(m)
     assert steps[-1] == 12 * 16 // 8
     first, last = m[steps[0]]["loss"], min(m[s]["loss"] for s in steps[-4:])
