@@ -113,7 +113,12 @@ class SubjectDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         key = self.keys[i]
         if self.kspace is not None:
-            out = self.kspace.apply(self.reader.kspace(key), self.epoch)
+            sample = None if self._cache is None else self._cache.get(key)
+            if sample is None:
+                sample = self.reader.kspace(key)
+                if self._cache is not None:
+                    self._cache[key] = sample
+            out = self.kspace.apply(sample, self.epoch)
             return {k: out[k] for k in ("image", "valid", "modality", "view", "view_valid", "key")}
         g = self.reader.group
         P, T = g["image"].shape[1:3]

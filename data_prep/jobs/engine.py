@@ -8,9 +8,18 @@ and returns what it wrote and what it rejected. The driver commits a run by writ
 atomically at the end: readers trust only blocks the manifest lists, so a crashed run leaves nothing that is
 ever read, and the next run overwrites its leftovers.
 
-Growth: splits come from a hash of the key (`format.split_of`), inputs already in the manifest are skipped,
-new inputs fill new blocks appended after the old ones — existing shards stay byte-identical, and a re-run on
-the same source does nothing. Inputs quarantined before are skipped unless their files changed.
+Growth: inputs already in the manifest are skipped, new inputs fill new blocks appended after the old ones —
+existing shards stay byte-identical, and a re-run on the same source does nothing. Inputs quarantined before are
+skipped unless their files changed.
+
+Splits (`manifest["split_scheme"]`, fixed when a dataset is created; a manifest without one is "hash"):
+  - "hash" (UK Biobank): a hash of the key (`format.split_of`), a function of the key alone;
+  - "stratified" (k-space): inputs carry a `group` (the patient) and a `stratum` ((modality, view)); a group's
+    inputs share one split (no patient in two splits) and every stratum's split counts follow the fractions
+    (`format.stratified_group_splits`). The manifest records every group's split and the per-stratum counts, so
+    a later run puts new inputs of a known group into its split and new groups where the strata need them;
+    nothing already assigned ever moves. A stratum missing from a split is listed (`split_scheme.missing`) and
+    printed as a warning.
 
 Failure: an input that raises is quarantined with its file and reason. A block whose task keeps failing (a
 worker crash, an out-of-memory kill) is retried by Ray; if it still fails, each of its inputs is probed in a
@@ -26,12 +35,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 
 from data_prep.config import ConfigError, config_to_dict
-from data_prep.format import KEY_BYTES, SCHEMA_VERSION, encode_key, split_of
+from data_prep.format import KEY_BYTES, SCHEMA_VERSION, STRATIFIED_SALT, encode_key, split_of, stratified_group_splits
 from data_prep.fsutil import atomic_path, atomic_write_text, dir_bytes
 
 MANIFEST = "manifest.json"
@@ -62,6 +71,8 @@ class WorkItem:
     key: str
     paths: list[str]  # the input files (named in quarantine records; fingerprinted)
     payload: Any = None  # whatever the dataset's `process` needs besides the paths
+    group: Optional[str] = None  # split scheme "stratified": inputs of one group share a split (None: the key)
+    stratum: Optional[str] = None  # split scheme "stratified": balanced over the splits (None: "unknown")
 
 
 @dataclass
@@ -245,10 +256,48 @@ def load_manifest(out: Path) -> Optional[dict]:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _plan_blocks(items: list[WorkItem], first_block: int, cfg: JobConfig) -> list[Block]:
+SPLIT_SCHEMES = ("hash", "stratified")
+
+
+def _group(it: WorkItem) -> str:
+    return it.group if it.group is not None else it.key
+
+
+def _stratum(it: WorkItem) -> str:
+    return it.stratum if it.stratum is not None else "unknown"
+
+
+def _split_state(old: Optional[dict], scheme: Union[str, dict]) -> dict:
+    """The dataset's split scheme: the old manifest's (a dataset keeps the scheme it was created with; one
+    without `split_scheme` was split by hash) or, for a new dataset, `scheme` (a name, or a dict with "name" and
+    descriptive "group_by" / "stratify_by")."""
+    if old is not None:
+        return old.get("split_scheme") or {"name": "hash"}
+    state = {"name": scheme} if isinstance(scheme, str) else dict(scheme)
+    if state.get("name") not in SPLIT_SCHEMES:
+        raise ValueError(f"unknown split scheme {state.get('name')!r}; known: {SPLIT_SCHEMES}")
+    return state
+
+
+def _assign_splits(items: list[WorkItem], cfg: JobConfig, state: dict) -> dict[str, str]:
+    """key -> split for the inputs of this run."""
+    if state["name"] == "hash":
+        return {it.key: split_of(it.key, cfg.val_fraction, cfg.test_fraction) for it in items}
+    units: dict[str, dict[str, int]] = {}
+    for it in items:
+        u = units.setdefault(_group(it), {})
+        u[_stratum(it)] = u.get(_stratum(it), 0) + 1
+    groups = stratified_group_splits(units, state.get("strata"), state.get("groups"), cfg.val_fraction,
+                                     cfg.test_fraction, state.get("salt", STRATIFIED_SALT))
+    return {it.key: groups[_group(it)] for it in items}
+
+
+def _plan_blocks(items: list[WorkItem], first_block: int, cfg: JobConfig, state: Optional[dict] = None
+                 ) -> list[Block]:
+    splits = _assign_splits(items, cfg, state or {"name": "hash"})
     by_split: dict[str, list[WorkItem]] = {}
     for it in sorted(items, key=lambda it: it.key):
-        by_split.setdefault(split_of(it.key, cfg.val_fraction, cfg.test_fraction), []).append(it)
+        by_split.setdefault(splits[it.key], []).append(it)
     blocks, bid = [], first_block
     for split in ("train", "val", "test"):
         its = by_split.get(split, [])
@@ -284,8 +333,9 @@ def _ray_init(cfg: JobConfig):
 
 def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config: Any, *,
             skipped: Optional[list[dict]] = None, manifest_extra: Optional[Callable[[dict, list[BlockResult]], dict]] = None,
-            progress: bool = True) -> RunReport:
-    """Convert `items` (already de-duplicated by the job; `skipped` lists what it dropped, with reasons)."""
+            progress: bool = True, split_scheme: Union[str, dict] = "hash") -> RunReport:
+    """Convert `items` (already de-duplicated by the job; `skipped` lists what it dropped, with reasons).
+    `split_scheme` ("hash" / "stratified", see the module doc) applies to a new dataset; an existing one keeps its own."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -314,7 +364,8 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     if not todo:
         return RunReport(dataset.name, counts, time.perf_counter() - t0, old, [], nothing_to_do=True)
 
-    blocks = _plan_blocks(todo, (old or {}).get("next_block", 0), cfg)
+    split_state = _split_state(old, split_scheme)
+    blocks = _plan_blocks(todo, (old or {}).get("next_block", 0), cfg, split_state)
     _open_or_create_store(out, dataset, cfg.block_size, (blocks[-1].id + 1) * cfg.block_size)
     ray = _ray_init(cfg)
     t_convert = time.perf_counter()
@@ -343,7 +394,7 @@ def run_job(dataset: Dataset, items: list[WorkItem], cfg: JobConfig, job_config:
     counts["quarantined"] = sum(len(r.quarantined) for r in results)
     assert counts["inputs"] == counts["written"] + counts["quarantined"] + counts["skipped"], counts
     manifest = _write_manifest(out, dataset, cfg, job_config, old, blocks, results, counts, skipped, manifest_extra,
-                               counts_seconds)
+                               counts_seconds, split_state)
     return RunReport(dataset.name, counts, time.perf_counter() - t0, manifest, results)
 
 
@@ -372,7 +423,8 @@ def _isolate_and_rerun(ray, remote_block, remote_probe, dataset, block: Block, o
 
 def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any, old: Optional[dict],
                     blocks: list[Block], results: list[BlockResult], counts: dict, skipped: list[dict],
-                    extra: Optional[Callable[[dict, list[BlockResult]], dict]], timing: dict) -> dict:
+                    extra: Optional[Callable[[dict, list[BlockResult]], dict]], timing: dict,
+                    split_state: Optional[dict] = None) -> dict:
     m = old or {"schema_version": SCHEMA_VERSION, "dataset": dataset.name, "block_size": cfg.block_size,
                 "splits": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
                 "store": STORE, "quarantine": QUARANTINE, "blocks": [], "shards": [], "quarantined": [], "runs": []}
@@ -390,6 +442,7 @@ def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any
     per_split = {s: sum(len(b["keys"]) for b in m["blocks"] if b["split"] == s) for s in ("train", "val", "test")}
     m["totals"] = {"samples": sum(per_split.values()), "per_split": per_split, "shards": len(m["shards"]),
                    "quarantined": len(m["quarantined"])}
+    m["split_scheme"] = _record_split_scheme(split_state or {"name": "hash"}, blocks, results, cfg)
     run = len(m["runs"])
     m["runs"].append({"run": run, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "counts": counts, "skipped": _reason_counts(skipped), **timing})
@@ -402,6 +455,46 @@ def _write_manifest(out: Path, dataset: Dataset, cfg: JobConfig, job_config: Any
     atomic_write_text(log, lines)
     atomic_write_text(out / MANIFEST, json.dumps(m, indent=1, sort_keys=False) + "\n")
     return m
+
+
+def _record_split_scheme(state: dict, blocks: list[Block], results: list[BlockResult], cfg: JobConfig) -> dict:
+    """The manifest's `split_scheme` after this run (see the module doc)."""
+    if state["name"] == "hash":
+        return {"name": "hash", "unit": "key", "salt": "cmrfm-split-v1",
+                "rule": "format.split_of(key, val_fraction, test_fraction)"}
+    rec = {"name": "stratified", "unit": "group", "salt": state.get("salt", STRATIFIED_SALT),
+           "rule": "format.stratified_group_splits: a group's inputs share a split; new groups balance the strata",
+           "group_by": state.get("group_by"), "stratify_by": state.get("stratify_by"),
+           "groups": dict(state.get("groups") or {}),
+           "strata": {s: dict(c) for s, c in (state.get("strata") or {}).items()}}
+    planned = {it.key: it for b in blocks for it in b.items if it is not None}
+    for b in blocks:  # every planned group keeps its split, written or quarantined (a retry stays there)
+        for it in b.items:
+            if it is not None:
+                rec["groups"][_group(it)] = b.split
+    for r in results:  # counts of what is in the dataset
+        for k in r.keys:
+            c = rec["strata"].setdefault(_stratum(planned[k]), {p: 0 for p in ("train", "val", "test")})
+            c[r.split] = c.get(r.split, 0) + 1
+    rec["groups"] = dict(sorted(rec["groups"].items()))
+    rec["strata"] = dict(sorted(rec["strata"].items()))
+    want = [p for p, f in (("train", 1.0 - cfg.val_fraction - cfg.test_fraction), ("val", cfg.val_fraction),
+                           ("test", cfg.test_fraction)) if f > 0]
+    rec["missing"] = [{"stratum": s, "split": p} for s, c in rec["strata"].items() if sum(c.values())
+                      for p in want if not c.get(p)]
+    return rec
+
+
+def split_warning(manifest: Optional[dict]) -> Optional[str]:
+    """One line naming the strata a split lacks (stratified datasets), or None."""
+    missing = ((manifest or {}).get("split_scheme") or {}).get("missing") or []
+    if not missing:
+        return None
+    by: dict[str, list[str]] = {}
+    for x in missing:
+        by.setdefault(x["split"], []).append(x["stratum"])
+    return "  warning: strata absent from a split: " + "; ".join(
+        f"{p}: {', '.join(by[p])}" for p in ("train", "val", "test") if p in by)
 
 
 def _sweep_temp(out: Path) -> None:
@@ -444,4 +537,6 @@ def format_summary(report: RunReport, out: Path, source_bytes_per_input: Optiona
             sizes += f", source {source_bytes_per_input / 2**20:.2f} MiB"
         lines.append(sizes)
         lines.append(f"  manifest: {Path(out) / MANIFEST}")
+        if split_warning(m):
+            lines.append(split_warning(m))
     return "\n".join(lines)

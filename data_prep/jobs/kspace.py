@@ -2,9 +2,12 @@
 
 Inputs are `.mat` files under `--src` (every `*.mat` except sampling masks); each is one sequence keyed by its
 place in the layout (`Cine/Center002/Siemens_30T_Vida/P003/cine_sax`). A file outside the layout, unreadable
-or empty is quarantined with the reason. In the Zarr store a sequence's T x Z images are rows
-`image[image_offset : image_offset + frames * slices]` in (t, z) order — a ragged layout, so memory and disk
-follow the real sizes — with `frames`, `slices`, `modality`, `views` and `field_strength_t` alongside.
+or empty is quarantined with the reason. Splits: a patient's sequences share one split, and every (modality, view)
+stratum is spread over train / val / test by the fractions (`SPLIT_SCHEME`; the manifest's `split_scheme` records
+each patient's split and the per-stratum counts, and names a stratum a split lacks). In the Zarr store a
+sequence's T x Z images are rows `image[image_offset : image_offset + frames * slices]` in (t, z) order — a ragged
+layout, so memory and disk follow the real sizes — with `frames`, `slices`, `modality`, `views` and
+`field_strength_t` alongside.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from data_prep.format import KSpaceSample
 from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem
 from data_prep.preprocess_kspace import MODALITIES, VIEWS, preprocess_kspace_file
-from data_prep.sources.kspace import parse_relpath, sequence_key
+from data_prep.sources.kspace import parse_relpath, patient_key, sequence_key, stratum
 
 
 @dataclass
@@ -55,8 +58,15 @@ def discover(src: Path, fully_sampled_only: bool = True) -> tuple[list[WorkItem]
             skipped.append({"key": key, "reason": f"duplicate sequence: {rel} and {items[key].paths[0]}",
                             "files": [str(path)]})
             continue
-        items[key] = WorkItem(key, [str(path)], {"relpath": rel})
+        items[key] = WorkItem(key, [str(path)], {"relpath": rel}, group=patient_key(parsed),
+                              stratum=stratum(str(parsed["modality"]), str(parsed["name"])))
     return list(items.values()), skipped, ignored
+
+
+#: New k-space datasets: a patient's sequences share a split; each (modality, view) stratum is spread over the
+#: splits by the fractions (data_prep.jobs.engine, "stratified"). Datasets converted before keep their hash split.
+SPLIT_SCHEME = {"name": "stratified", "group_by": "patient: sources.kspace.patient_key ([split/][centre/scanner/]P###)",
+                "stratify_by": "modality/view: sources.kspace.stratum (e.g. cine/sax, cine/2ch, t1map/sax)"}
 
 
 @dataclass
@@ -106,7 +116,8 @@ def run(cfg: KSpaceJobConfig, progress: bool = True):
         return {"source": str(cfg.src), "ignored_files": sorted(set(manifest.get("ignored_files", [])) | set(ignored)),
                 "vocabularies": {"modalities": list(MODALITIES), "views": list(VIEWS)}}
 
-    report = run_job(KSpaceDataset(cfg), items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
+    report = run_job(KSpaceDataset(cfg), items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress,
+                     split_scheme=SPLIT_SCHEME)
     src_bytes = sum(Path(it.paths[0]).stat().st_size for it in items) / max(len(items), 1)
     return report, src_bytes
 

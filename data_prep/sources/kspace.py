@@ -74,6 +74,8 @@ import h5py
 import numpy as np
 import scipy.io
 
+from data_prep.format import MODALITIES, VIEWS
+
 __all__ = [
     "DEFAULT_KEY",
     "MODALITIES",
@@ -88,14 +90,12 @@ __all__ = [
     "read_kspace_mat",
     "sequence_key",
     "slice_views",
+    "stratum",
 ]
 
 DEFAULT_KEY = "kspace_full"
 
-#: Modality labels for classification (stable order: index = integer label; append only).
-MODALITIES: tuple[str, ...] = ("cine", "t1map", "t2map", "lge", "blackblood")
-#: View labels for classification (stable order: index = integer label; append only).
-VIEWS: tuple[str, ...] = ("sax", "2ch", "3ch", "4ch", "lvot")
+# Modality and view labels for classification: defined with the sample format (`data_prep.format`)
 
 # --------------------------------------------------------------------------------------
 # Path layout
@@ -266,6 +266,20 @@ def slice_views(name: str, nz: int) -> tuple[str, ...]:
     if re.match(r"^(cine|lge)_sax$", stem) or stem in ("t1map", "t2map", "blackblood"):
         return ("sax",) * nz
     raise ValueError(f"{name}: unknown file kind, cannot tell the slice views")
+
+
+def stratum(modality: str, name: str) -> str:
+    """The (modality, view) stratum of a file, from its folder and stem alone (what the conversion balances over
+    the splits): ``"cine/sax"``, ``"cine/2ch"``, ``"t1map/sax"``; a long-axis stack (``cine_lax``) is
+    ``"cine/2ch+3ch+4ch"``.  An unsupported kind is ``"unsupported/<Modality>/<name>"`` (it is quarantined
+    at conversion anyway)."""
+    try:
+        label = modality_label(modality, name)
+        nz = 3 if re.match(r"^(cine|lge)_lax$", name.lower()) else 1
+        views = slice_views(name, nz)
+    except ValueError:
+        return f"unsupported/{modality}/{name}"
+    return f"{label}/{'+'.join(dict.fromkeys(views))}"
 
 
 # --------------------------------------------------------------------------------------

@@ -17,19 +17,28 @@ set of scanners (:data:`CENTERS`); patients are numbered per
 centre/scanner, and the same ``P{n}`` under different modalities of one
 scanner is the same synthetic person (shared anatomy, scar, ...).
 
-File kinds (:data:`CATALOGUE`, the single place they are defined):
+File kinds (:data:`CATALOGUE`, the single place they are defined); each kind is
+one (modality, view) *stratum* of the archive:
 
-=========== =========== ============================ ============ =========
-modality    name        views (per slice)            nz           nt
-=========== =========== ============================ ============ =========
-Cine        cine_sax    sax                          3-6          12 frames
-Cine        cine_lax    2ch, 3ch, 4ch (this order)   3            12 frames
-Cine        cine_lvot   lvot                         1            12 frames
-Mapping     T1map       sax                          3            9 TIs
-Mapping     T2map       sax                          3            3 TEs
-LGE         lge_sax     sax                          4-7          (4D)
-BlackBlood  blackblood  sax                          3-5          (4D)
-=========== =========== ============================ ============ =========
+=========== ============= ============================ ============ =========
+modality    name          views (per slice)            nz           nt
+=========== ============= ============================ ============ =========
+Cine        cine_sax      sax                          3-6          12 frames
+Cine        cine_lax      2ch, 3ch, 4ch (this order)   3            12 frames
+Cine        cine_lax_2ch  2ch                          1            12 frames
+Cine        cine_lax_3ch  3ch                          1            12 frames
+Cine        cine_lax_4ch  4ch                          1            12 frames
+Cine        cine_lvot     lvot                         1            12 frames
+Mapping     T1map         sax                          3            9 TIs
+Mapping     T2map         sax                          3            3 TEs
+LGE         lge_sax       sax                          4-7          (4D)
+BlackBlood  blackblood    sax                          3-5          (4D)
+=========== ============= ============================ ============ =========
+
+``cine_lax`` is the long-axis stack of CMRxRecon 2023/2024 (one slice per view);
+``cine_lax_2ch`` / ``_3ch`` / ``_4ch`` are per-view files as CMRxRecon 2025 names
+them (the reader takes both, :func:`data_prep.sources.kspace.slice_views`).  A
+synthetic archive holds both, so every cine view has files with a single view label.
 
 Array layout -- as h5py sees a MATLAB v7.3 file (MATLAB itself reports the
 reversed order ``(kx, ky, sc, sz, t)``, as in the CMRxRecon documentation):
@@ -204,19 +213,22 @@ class ScanKind:
     views: tuple[str, ...] | None  # fixed per-slice views, or None = all "sax"
     nz_range: tuple[int, int]  # inclusive
     nt: int | None  # None = 4D file (no time axis)
-    weight: float  # relative frequency once every kind has appeared
 
 
-#: The file kinds, in round-robin order (modalities interleaved so that any
-#: four consecutive plan entries from the start cover all four modalities).
+#: The file kinds (one per (modality, view) stratum), in the order of a plan's first
+#: cycle: the four modality folders within the first four scans, all five modality
+#: labels within the first six, every kind within the first ``len(CATALOGUE)``.
 CATALOGUE: tuple[ScanKind, ...] = (
-    ScanKind("Cine", "cine_sax", "cine", None, (3, 6), 12, 2.0),
-    ScanKind("Mapping", "T1map", "t1map", None, (3, 3), 9, 1.0),
-    ScanKind("LGE", "lge_sax", "lge", None, (4, 7), None, 1.0),
-    ScanKind("BlackBlood", "blackblood", "blackblood", None, (3, 5), None, 0.75),
-    ScanKind("Cine", "cine_lax", "cine", ("2ch", "3ch", "4ch"), (3, 3), 12, 1.5),
-    ScanKind("Mapping", "T2map", "t2map", None, (3, 3), 3, 1.0),
-    ScanKind("Cine", "cine_lvot", "cine", ("lvot",), (1, 1), 12, 1.0),
+    ScanKind("Cine", "cine_sax", "cine", None, (3, 6), 12),
+    ScanKind("Mapping", "T1map", "t1map", None, (3, 3), 9),
+    ScanKind("LGE", "lge_sax", "lge", None, (4, 7), None),
+    ScanKind("BlackBlood", "blackblood", "blackblood", None, (3, 5), None),
+    ScanKind("Cine", "cine_lax", "cine", ("2ch", "3ch", "4ch"), (3, 3), 12),
+    ScanKind("Mapping", "T2map", "t2map", None, (3, 3), 3),
+    ScanKind("Cine", "cine_lvot", "cine", ("lvot",), (1, 1), 12),
+    ScanKind("Cine", "cine_lax_2ch", "cine", ("2ch",), (1, 1), 12),
+    ScanKind("Cine", "cine_lax_4ch", "cine", ("4ch",), (1, 1), 12),
+    ScanKind("Cine", "cine_lax_3ch", "cine", ("3ch",), (1, 1), 12),
 )
 _KIND_BY_NAME = {k.name: k for k in CATALOGUE}
 
@@ -293,15 +305,30 @@ def _even(x: float, lo: int) -> int:
     return max(lo, 2 * int(round(x / 2.0)))
 
 
+_CYCLE_KIND, _CYCLE_SITE = 1, 2  # sub-streams of _STREAM_PLAN
+
+
+def _cycle_pick(seed: int, stream: int, i: int, first: tuple[int, ...]) -> int:
+    """Entry ``i`` of a seeded cycle over ``len(first)`` items: block ``0`` is ``first``,
+    block ``c > 0`` a permutation drawn from (seed, stream, c) -- a function of (seed, i) only."""
+    c, j = divmod(i, len(first))
+    if c == 0:
+        return first[j]
+    return int(_rng(seed, _STREAM_PLAN, stream, c).permutation(len(first))[j])
+
+
 def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0) -> list[KSpaceScan]:
     """Deterministic list of ``n`` scans.
 
-    * file kind: the first ``len(CATALOGUE)`` (7) scans visit every kind once
-      (all four modalities within the first four), then kinds are drawn with
-      the catalogue weights;
-    * site: the first 12 scans visit every (centre, scanner) pair once in an
-      order alternating 3.0 T / 1.5 T and cycling vendors (start offset from
-      the seed), then sites are drawn uniformly;
+    * file kind, i.e. the (modality, view) stratum: a seeded cycle over the
+      catalogue (block randomisation) -- each run of ``len(CATALOGUE)`` (10)
+      scans from the start visits every kind once, the first in catalogue
+      order (all four modality folders within the first four scans), later ones
+      in a permutation drawn from (seed, cycle); so in any prefix the counts of
+      any two kinds differ by at most one (equal after every full cycle);
+    * site: likewise a seeded cycle over the 12 (centre, scanner) pairs, the first
+      in an order alternating 3.0 T / 1.5 T and cycling vendors (start offset from
+      the seed), later ones permuted per (seed, cycle);
     * patients ``P001, P002, ...`` are numbered per (centre, scanner, file kind),
       so one patient folder collects several sequences of one person;
     * matrix: nx in [100, 128] * size_scale, ny = nx * [0.72, 0.92] (even,
@@ -318,17 +345,13 @@ def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0) -> list[KSpace
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     offset = int(_rng(seed, _STREAM_PLAN).integers(len(_SITES)))
-    weights = np.array([k.weight for k in CATALOGUE], dtype=np.float64)
-    weights /= weights.sum()
+    first_sites = tuple(_SITE_ORDER[(offset + j) % len(_SITES)] for j in range(len(_SITES)))
     counters: dict[tuple[str, str, str], int] = {}
     scans: list[KSpaceScan] = []
     for i in range(n):
         rng = _rng(seed, _STREAM_SCAN, i, _SUB_SIZES)
-        kind = CATALOGUE[i] if i < len(CATALOGUE) else CATALOGUE[int(rng.choice(len(CATALOGUE), p=weights))]
-        if i < len(_SITES):
-            center, scanner = _SITES[_SITE_ORDER[(offset + i) % len(_SITES)]]
-        else:
-            center, scanner = _SITES[int(rng.integers(len(_SITES)))]
+        kind = CATALOGUE[_cycle_pick(seed, _CYCLE_KIND, i, tuple(range(len(CATALOGUE))))]
+        center, scanner = _SITES[_cycle_pick(seed, _CYCLE_SITE, i, first_sites)]
         key = (center, scanner.folder, kind.name)
         counters[key] = counters.get(key, 0) + 1
         nz = int(rng.integers(kind.nz_range[0], kind.nz_range[1] + 1))
