@@ -30,12 +30,22 @@ D := $(DEMO_DIR)
 SYNTH_ARGS ?=
 PRETRAIN_ARGS ?=
 FINETUNE_ARGS ?=
+LABEL_FRACTIONS ?= 0.1,0.25,0.5
+# Fixed thread counts: a float sum's grouping follows the number of threads, so results are bitwise the same from
+# run to run and machine to machine (of the same CPU type) only when it does not follow the machine's core count
+# (pretraining: 2 ranks x 1 thread; fine-tuning: DEMO_THREADS per process)
+DEMO_THREADS ?= 1
+PY1 := OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python
 TRAIN := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone \
 	--nproc_per_node=2 -m pretrain train
-FINETUNE := $(BIN)/python -m finetune train --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
+FINETUNE := $(PY1) -m finetune train --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
 	encoder=$(D)/stage2
 
-demo: install $(D)/report.md
+# the stages that do not depend on each other run DEMO_JOBS at a time (the fine-tuning runs, MetaCLIP-CMR beside
+# Stage II); each is single-threaded or a fixed number of ranks, so the results do not depend on it
+DEMO_JOBS ?= 2
+demo: install
+	$(MAKE) --no-print-directory -j$(DEMO_JOBS) $(D)/report.md
 	@echo "demo done: $(D)/report.md"
 
 $(D)/cohort/synth_config.yaml: | $(STAMP)
@@ -64,26 +74,54 @@ $(D)/metaclip/encoder.safetensors: $(D)/data/kspace/manifest.json $(D)/stage1/en
 		data.dataset=$(D)/data/kspace checkpoint.init_from=$(D)/stage1 $(PRETRAIN_ARGS)
 	$(BIN)/python -m pretrain export --run $(D)/metaclip
 
+# phenotypes: the pretrained encoders against mean-guess and the ViT from scratch, on all labelled subjects and
+# on nested 10 / 25 / 50 % of them (label efficiency: the same epochs for every method at each fraction)
 $(D)/finetune/phenotypes/comparison.json: $(D)/stage2/encoder.safetensors
-	$(BIN)/python -m finetune compare --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
-		out=$(D)/finetune/phenotypes optim.epochs=40 $(FINETUNE_ARGS) \
-		--method vita=$(D)/stage2 --method mae=$(D)/stage1 --baselines mean_guess,vit_scratch
+	$(PY1) -m finetune compare --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
+		out=$(D)/finetune/phenotypes optim.epochs=40 protocol.layer_decay=0.75 $(FINETUNE_ARGS) \
+		--method vita=$(D)/stage2 --method mae=$(D)/stage1 --baselines mean_guess,vit_scratch \
+		--train-fractions $(LABEL_FRACTIONS)
+
+# linear probes on frozen features: random init vs Stage I vs Stage II
+$(D)/finetune/probe/probe.json: $(D)/stage2/encoder.safetensors
+	$(PY1) -m finetune probe --config configs/finetune/demo.yaml data.dataset=$(D)/data/ukb \
+		out=$(D)/finetune/probe --method random=random --method mae=$(D)/stage1 --method vita=$(D)/stage2
 
 $(D)/finetune/diseases/metrics.json: $(D)/stage2/encoder.safetensors
 	$(FINETUNE) task.name=diseases optim.epochs=10 out=$(D)/finetune/diseases $(FINETUNE_ARGS)
 
 $(D)/finetune/segmentation/metrics.json: $(D)/stage2/encoder.safetensors
-	$(FINETUNE) task.name=segmentation optim.epochs=12 optim.lr=3e-3 data.batch_size=2 out=$(D)/finetune/segmentation \
-		$(FINETUNE_ARGS)
+	$(FINETUNE) task.name=segmentation task.seg_class_weighting=true optim.epochs=20 optim.lr=3e-3 data.batch_size=2 \
+		out=$(D)/finetune/segmentation $(FINETUNE_ARGS)
 
 $(D)/finetune/modality_view/metrics.json: $(D)/metaclip/encoder.safetensors
-	$(BIN)/python -m finetune train --config configs/finetune/demo.yaml task.name=modality_view \
+	$(PY1) -m finetune train --config configs/finetune/demo.yaml task.name=modality_view \
 		data.dataset=$(D)/data/kspace encoder=$(D)/metaclip protocol.kind=probe_finetune protocol.probe_epochs=5 \
-		optim.epochs=15 out=$(D)/finetune/modality_view $(FINETUNE_ARGS)
+		protocol.encoder_lr_scale=1.0 optim.epochs=40 optim.lr=3e-3 out=$(D)/finetune/modality_view $(FINETUNE_ARGS)
 
-$(D)/report.md: $(D)/finetune/phenotypes/comparison.json $(D)/finetune/diseases/metrics.json \
-		$(D)/finetune/segmentation/metrics.json $(D)/finetune/modality_view/metrics.json
+$(D)/report.md: $(D)/finetune/phenotypes/comparison.json $(D)/finetune/probe/probe.json \
+		$(D)/finetune/diseases/metrics.json $(D)/finetune/segmentation/metrics.json \
+		$(D)/finetune/modality_view/metrics.json
 	$(BIN)/python -m finetune demo-report --demo $(D)
+
+# make scaling (not part of make demo): probe quality against the number of Stage I pretraining subjects, on its own
+# 540-subject cohort. The cohort and its conversion are file targets; the study keeps every finished pretraining
+# point (and resumes an interrupted one), so a re-run continues and, when all is done, only redraws the table.
+# SCALING_ARGS: key=value overrides of configs/scaling/demo.yaml (e.g. "subjects=[50,100]" "seeds=[0,1]")
+SCALING_DIR ?= runs/scaling
+SCALING_ARGS ?=
+.PHONY: scaling
+scaling: install $(SCALING_DIR)/data/ukb/manifest.json
+	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 $(BIN)/python -m finetune scaling --config configs/scaling/demo.yaml \
+		dataset=$(SCALING_DIR)/data/ukb out=$(SCALING_DIR)/study $(SCALING_ARGS)
+	@cat $(SCALING_DIR)/study/table.md
+
+$(SCALING_DIR)/cohort/synth_config.yaml: | $(STAMP)
+	$(BIN)/python -m data_prep synth --config configs/data_prep/synth_scaling.yaml out=$(SCALING_DIR)/cohort
+
+$(SCALING_DIR)/data/ukb/manifest.json: $(SCALING_DIR)/cohort/synth_config.yaml
+	$(BIN)/python -m data_prep ukb --config configs/data_prep/ukb_scaling.yaml --src $(SCALING_DIR)/cohort/ukb \
+		--tabular $(SCALING_DIR)/cohort/ukb_tabular.csv --out $(SCALING_DIR)/data/ukb
 
 # a real one-node SLURM (slurm-wlm + munge) for the cluster tests; without root / packages they skip
 slurm:
