@@ -148,8 +148,11 @@ class SubjectDataset(Dataset):
 
 def loader(ds: SubjectDataset, batch_size: int, workers: int, shuffle: bool, seed: int, epoch: int = 0
            ) -> DataLoader:
-    """Exact epochs: a fresh permutation per (seed, epoch) when shuffling; the last partial batch is kept."""
+    """Exact epochs: a fresh permutation per (seed, epoch) when shuffling; the last partial batch is kept, except
+    in training (shuffled) when it would hold a single sample: BatchNorm cannot normalise over one (a different
+    sample is left out each epoch)."""
     ds.set_epoch(epoch)
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    single = shuffle and batch_size > 1 and len(ds) > 1 and len(ds) % batch_size == 1
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
-                      collate_fn=collate, persistent_workers=False, drop_last=False)
+                      collate_fn=collate, persistent_workers=False, drop_last=single)

@@ -327,7 +327,7 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
     log = open(out_dir / "metrics.jsonl", "w")
     best, best_epoch, epoch, step, since_best = -math.inf, -1, 0, 0, 0
     n_train = len(data["train"])
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.data.batch_size))
+    steps_per_epoch = max(1, len(loader(data["train"], cfg.data.batch_size, 0, True, cfg.seed)))
     t0 = time.perf_counter()
     for phase, (epochs, encoder_trainable, enc_scale) in enumerate(phases):
         for prm in model.encoder.parameters():

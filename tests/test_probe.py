@@ -51,3 +51,32 @@ def test_nested_subsets_are_nested_exact_and_order_free():
     assert set(subsets[0.1]) < set(subsets[0.25]) < set(subsets[0.5]) < set(subsets[1.0])
     assert nested_subset(list(reversed(keys)), 0.25) == list(reversed(subsets[0.25]))  # same keys, input order
     assert nested_subset(keys[:1], 0.1) == keys[:1]  # never empty
+
+
+def test_training_loader_never_ends_on_a_single_sample_batch():
+    """BatchNorm before the head cannot normalise a batch of one: training drops such a last batch (another sample
+    each epoch); evaluation keeps every sample."""
+    import torch
+    from torch.utils.data import Dataset
+
+    from finetune.data import loader
+
+    class Items(Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([i])}
+
+        def set_epoch(self, epoch):
+            pass
+
+    sizes = {n: [len(b["x"]) for b in loader(Items(n), 4, 0, True, 0)] for n in (9, 8, 10, 1)}
+    assert sizes == {9: [4, 4], 8: [4, 4], 10: [4, 4, 2], 1: [1]}
+    assert sum(len(b["x"]) for b in loader(Items(9), 4, 0, False, 0)) == 9
+    left_out = [set(range(9)) - {int(i) for b in loader(Items(9), 4, 0, True, 0, epoch) for i in b["x"]}
+                for epoch in range(4)]
+    assert all(len(s) == 1 for s in left_out) and len(set().union(*left_out)) > 1
