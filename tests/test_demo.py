@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["SYNTH_ARGS=subjects=24 kspace_scans=10",
+SMOKE = ["SYNTH_ARGS=subjects=24 kspace_scans=60",  # k-space split by patient: enough patients for val and test
          # Stage I: ~40 steps with a checkpoint every 5, so that Ctrl-C lands between two checkpoints
          "PRETRAIN_ARGS=train.epochs=20 checkpoint.every_steps=5",
          "FINETUNE_ARGS=optim.epochs=2 protocol.probe_epochs=1 data.eval_all_frames=false"]
