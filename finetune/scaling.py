@@ -55,7 +55,8 @@ class LaunchConfig:
     # cluster: `python -m cluster submit pretrain ... --wait` with `cluster_args` (SLURM config, time, partition)
     kind: Literal["torchrun", "cluster"] = "torchrun"
     nproc_per_node: int = 2
-    env: dict[str, str] = field(default_factory=lambda: {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    env: dict[str, str] = field(default_factory=lambda: {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                                         "MKL_NUM_THREADS": "1"})
     cluster_args: list[str] = field(default_factory=list)  # e.g. [--slurm-config, configs/cluster/..., --time, 8:00]
 
     def __post_init__(self):

@@ -70,6 +70,9 @@ def _schema(path: Path):
     if component == "finetune":
         from finetune.config import FinetuneConfig
         return FinetuneConfig
+    if component == "scaling":
+        from finetune.scaling import ScalingConfig
+        return ScalingConfig
     from cluster.config import SlurmConfig
     return SlurmConfig
 
