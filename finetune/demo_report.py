@@ -213,7 +213,7 @@ def build(demo: str | Path) -> Path:
                                         **{m: r["per_target"] for m, r in probe["methods"].items()}}, names)
         ratios = "\n".join(f"- `{m}`: average MAE / mean-guess {mae_ratio(r['per_target'], probe['mean_guess'], head):.3f}"
                            for m, r in probe["methods"].items())
-        sections.append(("Evidence 1: linear probe on frozen features (ridge, penalty chosen on validation)",
+        sections.append(("Evidence 1: linear probe on frozen features (ridge, penalty by leave-one-out)",
                          "Does pretraining put the phenotypes into the features? The same probe on a randomly "
                          "initialised encoder, the Stage I and the Stage II encoder.\n\n" + table + "\n\n" + ratios))
     if "label_efficiency" in summary:

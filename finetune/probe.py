@@ -1,12 +1,13 @@
 """`python -m finetune probe`: linear probes on frozen features — does pretraining put the phenotypes in the
-representation? (the evidence table of the demo report; `finetune/scaling.py` uses the same probe).
+representation? (the evidence table of the demo report; `finetune/scaling.py` fits the same `ridge_probe` on
+subjects no pretraining run saw).
 
-Per method (a random-initialised encoder, or any export / pretraining run): every subject of the train / val /
-test splits is embedded once (the pooled features the heads see, no augmentation, the encoder's frames), the
-features are z-scored with the training split's statistics, and a ridge regression per target is fitted on the
-training split in closed form (scikit-learn), its penalty chosen on the validation split from a fixed grid, and
-scored on the test split in original units against the mean-guess baseline (the training mean). Nothing is trained
-by SGD, so the probe has no seed, epoch or learning-rate choice to tune: it measures the features alone.
+Per method (a random-initialised encoder, or any export / pretraining run): every subject of the train and test
+splits is embedded once (the pooled features the heads see, no augmentation, the encoder's frames), and a ridge
+regression per target is fitted on the training split in closed form (scikit-learn), its penalty chosen from a
+fixed grid by leave-one-out, then scored on the test split in original units against the mean-guess baseline (the
+training mean). Nothing is trained by SGD, so the probe has no seed, epoch or learning-rate choice to tune: it
+measures the features alone.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
 from pretrain.models.vit import ViTEncoder
 
-ALPHAS = np.logspace(-2, 5, 22)  # ridge penalties tried on validation (features are z-scored)
+ALPHAS = np.logspace(-2, 5, 22)  # ridge penalties tried by leave-one-out (features are z-scored)
 RANDOM = "random"  # the method name of a randomly initialised encoder (seeded by `seed`)
 
 
 @torch.no_grad()
-def embed_splits(cfg: FinetuneConfig, encoder: Optional[str | Path]) -> dict[str, dict]:
+def embed_splits(cfg: FinetuneConfig, encoder: Optional[str | Path],
+                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, dict]:
     """{split: {"x": (N, D) features, "y": (N, targets) raw targets, "key": [...]}}; `encoder` None: random."""
     if encoder is None:
         torch.manual_seed(cfg.seed)
@@ -42,7 +44,7 @@ def embed_splits(cfg: FinetuneConfig, encoder: Optional[str | Path]) -> dict[str
         enc, vit, _ = load_encoder(encoder)
     model = FinetuneModel("phenotypes", enc, vit, n_out=1).eval()
     out = {}
-    for split in ("train", "val", "test"):
+    for split in splits:
         ds = SubjectDataset(cfg.data.dataset, split, "phenotypes", vit, train=False, seed=cfg.seed,
                             targets=cfg.task.targets, cache=False)
         feats, keys = [], []
@@ -54,34 +56,27 @@ def embed_splits(cfg: FinetuneConfig, encoder: Optional[str | Path]) -> dict[str
     return out
 
 
-def ridge_probe(data: dict[str, dict], names: list[str], alphas: np.ndarray = ALPHAS) -> dict:
-    """Per target: ridge on z-scored features, penalty chosen by validation MAE, test metrics in original units.
-    Returns {"per_target": regression_metrics, "alpha": {name: alpha}, "pred": (N_test, targets)}."""
-    from sklearn.linear_model import Ridge
+def ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, alphas=ALPHAS
+                ) -> tuple[np.ndarray, list[float]]:
+    """Per target (a column of `y_fit`; its NaN rows left out, fewer than 3 known: NaN): ridge regression with an
+    intercept on features z-scored with the fit set's statistics, the penalty chosen from `alphas` by exact
+    leave-one-out error on the fit set (scikit-learn's RidgeCV). Returns the test predictions (n_test, K) in the
+    targets' units and the chosen penalties."""
+    from sklearn.linear_model import RidgeCV
 
-    tr, va, te = data["train"], data["val"], data["test"]
-    mu, sd = tr["x"].mean(0), tr["x"].std(0)
+    mu, sd = x_fit.mean(0), x_fit.std(0)
     sd = np.where(sd > 1e-12 * max(float(np.abs(mu).max(initial=0.0)), 1.0), sd, 1.0)  # constant features stay 0
-
-    def z(x):
-        return (x - mu) / sd
-
-    pred = np.full(te["y"].shape, np.nan)
-    chosen = {}
-    for k, name in enumerate(names):
-        ok_tr, ok_va = np.isfinite(tr["y"][:, k]), np.isfinite(va["y"][:, k])
-        if ok_tr.sum() < 2:
-            chosen[name] = math.nan
+    z_fit, z_test = (x_fit - mu) / sd, (x_test - mu) / sd
+    pred, chosen = np.full((len(x_test), y_fit.shape[1]), np.nan), []
+    for k in range(y_fit.shape[1]):
+        known = np.isfinite(y_fit[:, k])
+        if known.sum() < 3:
+            chosen.append(math.nan)
             continue
-        best, best_alpha = math.inf, float(alphas[-1])
-        for a in alphas:
-            m = Ridge(alpha=float(a)).fit(z(tr["x"][ok_tr]), tr["y"][ok_tr, k])
-            err = (np.abs(m.predict(z(va["x"][ok_va])) - va["y"][ok_va, k]).mean() if ok_va.any() else 0.0)
-            if err < best - 1e-12:
-                best, best_alpha = err, float(a)
-        chosen[name] = best_alpha
-        pred[:, k] = Ridge(alpha=best_alpha).fit(z(tr["x"][ok_tr]), tr["y"][ok_tr, k]).predict(z(te["x"]))
-    return {"per_target": metrics.regression_metrics(pred, te["y"], names), "alpha": chosen, "pred": pred}
+        model = RidgeCV(alphas=np.asarray(alphas, float)).fit(z_fit[known], y_fit[known, k])
+        pred[:, k] = model.predict(z_test)
+        chosen.append(float(model.alpha_))
+    return pred, chosen
 
 
 def mae_ratio(per_target: dict, mean_guess: dict, names: list[str]) -> float:
@@ -99,19 +94,21 @@ def probe(cfg: FinetuneConfig, methods: dict[str, Optional[str]]) -> dict:
     result: dict = {"targets": names, "methods": {}}
     for name, encoder in methods.items():
         data = embed_splits(cfg, encoder)
+        train, test = data["train"], data["test"]
         if "mean_guess" not in result:
-            result["mean_guess"] = metrics.mean_guess_metrics(data["train"]["y"], data["test"]["y"], names)
+            result["mean_guess"] = metrics.mean_guess_metrics(train["y"], test["y"], names)
             result["n"] = {s: len(d["key"]) for s, d in data.items()}
-        res = ridge_probe(data, names)
-        result["methods"][name] = {"encoder": str(encoder) if encoder else RANDOM, "per_target": res["per_target"],
-                                   "alpha": res["alpha"],
-                                   "mae_ratio": mae_ratio(res["per_target"], result["mean_guess"], names)}
+        pred, alphas = ridge_probe(train["x"], train["y"], test["x"])
+        per_target = metrics.regression_metrics(pred, test["y"], names)
+        result["methods"][name] = {"encoder": str(encoder) if encoder else RANDOM, "per_target": per_target,
+                                   "alpha": dict(zip(names, alphas)),
+                                   "mae_ratio": mae_ratio(per_target, result["mean_guess"], names)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probe.json", json.dumps(result, indent=1, default=float))
     table = report.phenotype_table({"mean_guess": result["mean_guess"],
                                     **{m: r["per_target"] for m, r in result["methods"].items()}}, names)
     ratios = report.markdown_table([{"method": m, "MAE / mean-guess (average)": r["mae_ratio"]}
                                     for m, r in result["methods"].items()], ["method", "MAE / mean-guess (average)"])
-    report.write_report(out / "probe.md", "Linear probe on frozen features (ridge, penalty chosen on validation)", [
+    report.write_report(out / "probe.md", "Linear probe on frozen features (ridge, penalty by leave-one-out)", [
         ("Test MAE", table), ("Against mean-guess", ratios)])
     return result

@@ -257,39 +257,6 @@ def labels(cfg: ScalingConfig, split: str) -> tuple[list[str], np.ndarray]:
     return list(ds.keys), ds.targets_table().astype(np.float64)
 
 
-def ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, alphas: list[float]
-                ) -> tuple[np.ndarray, list[float]]:
-    """Ridge regression per target (column of y_fit; NaN rows left out) on features standardised with the fit
-    set's statistics, with an intercept, the penalty chosen from `alphas` by exact leave-one-out error on the fit
-    set. Returns predictions (n_test, K) in the targets' units and the chosen penalties."""
-    mu, sd = x_fit.mean(0), x_fit.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    zf, zt = (x_fit - mu) / sd, (x_test - mu) / sd
-    preds, chosen = np.full((len(x_test), y_fit.shape[1]), np.nan), []
-    for k in range(y_fit.shape[1]):
-        m = np.isfinite(y_fit[:, k])
-        if m.sum() < 3:
-            chosen.append(float("nan"))
-            continue
-        x, y = zf[m], y_fit[m, k]
-        xm, ym = x.mean(0), y.mean()
-        u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
-        uty = u.T @ (y - ym)
-        best = (math.inf, alphas[0])
-        for a in alphas:
-            d = s**2 / (s**2 + a)
-            resid = (y - ym) - u @ (d * uty)
-            lev = (u**2) @ d + 1.0 / len(y)  # the intercept's leverage too
-            loo = float(np.mean((resid / np.clip(1.0 - lev, 1e-9, None)) ** 2))
-            if loo < best[0]:
-                best = (loo, a)
-        a = best[1]
-        beta = vt.T @ (s / (s**2 + a) * uty)
-        preds[:, k] = (zt - xm) @ beta + ym
-        chosen.append(float(a))
-    return preds, chosen
-
-
 def probe_scores(cfg: ScalingConfig, run_dir: Path, table: dict) -> dict:
     """The fixed protocol on one encoder: per-target test MAE, R^2, MAE / mean guess, and their means."""
     from finetune.metrics import mean_guess_metrics, regression_metrics
@@ -304,6 +271,8 @@ def probe_scores(cfg: ScalingConfig, run_dir: Path, table: dict) -> dict:
             raise RuntimeError(f"{run_dir}: the {split} embeddings do not cover the split's keys")
         xs[split] = (x[[index[k] for k in lkeys]], y)
     (xf, yf), (xt, yt) = xs[cfg.probe.fit_split], xs[cfg.probe.test_split]
+    from finetune.probe import ridge_probe
+
     pred, alphas = ridge_probe(xf, yf, xt, cfg.probe.alphas)
     model = regression_metrics(pred, yt, names, valid=np.isfinite(pred))
     guess = mean_guess_metrics(yf, yt, names)

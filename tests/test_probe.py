@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from finetune.data import nested_subset
-from finetune.metrics import mean_guess_metrics
+from finetune.metrics import mean_guess_metrics, regression_metrics
 from finetune.probe import mae_ratio, ridge_probe
 
 
@@ -16,32 +16,31 @@ def _split(rng, n, w, informative: bool):
     y = x @ w + 0.05 * rng.normal(size=n) + 100.0
     if not informative:
         x = rng.normal(size=x.shape)  # features unrelated to the target
-    return {"x": x, "y": y[:, None], "key": [str(i) for i in range(n)]}
+    return x, y[:, None]
 
 
 def test_ridge_probe_reads_informative_features_and_not_noise():
     rng = np.random.default_rng(0)
     w = rng.normal(size=16)
     for informative, lo, hi in ((True, 0.0, 0.2), (False, 0.8, 2.0)):
-        data = {s: _split(rng, n, w, informative) for s, n in (("train", 80), ("val", 30), ("test", 40))}
-        res = ridge_probe(data, ["t"])
-        mg = mean_guess_metrics(data["train"]["y"], data["test"]["y"], ["t"])
-        ratio = mae_ratio(res["per_target"], mg, ["t"])
+        (xf, yf), (xt, yt) = _split(rng, 80, w, informative), _split(rng, 40, w, informative)
+        pred, alphas = ridge_probe(xf, yf, xt)
+        ratio = mae_ratio(regression_metrics(pred, yt, ["t"]), mean_guess_metrics(yf, yt, ["t"]), ["t"])
         assert lo <= ratio <= hi, (informative, ratio)
-        assert res["pred"].shape == (40, 1) and np.isfinite(res["pred"]).all()
+        assert pred.shape == (40, 1) and np.isfinite(pred).all() and len(alphas) == 1
 
 
 def test_ridge_probe_missing_targets_and_constant_features():
     rng = np.random.default_rng(1)
     w = rng.normal(size=4)
-    data = {s: _split(rng, n, w, True) for s, n in (("train", 40), ("val", 10), ("test", 10))}
-    for d in data.values():
-        d["x"] = np.concatenate([d["x"], np.ones((len(d["x"]), 1))], axis=1)  # a constant feature
-        d["y"] = np.concatenate([d["y"], np.full_like(d["y"], np.nan)], axis=1)  # a target never known
-    data["train"]["y"][:5, 0] = np.nan
-    res = ridge_probe(data, ["t", "never"])
-    assert res["per_target"]["t"]["n"] == 10 and res["per_target"]["t"]["mae"] < 0.5
-    assert res["per_target"]["never"]["n"] == 0 and math.isnan(res["alpha"]["never"])
+    (xf, yf), (xt, yt) = _split(rng, 40, w, True), _split(rng, 10, w, True)
+    xf, xt = (np.concatenate([x, np.ones((len(x), 1))], axis=1) for x in (xf, xt))  # a constant feature
+    yf, yt = (np.concatenate([y, np.full_like(y, np.nan)], axis=1) for y in (yf, yt))  # a target never known
+    yf[:5, 0] = np.nan
+    pred, alphas = ridge_probe(xf, yf, xt)
+    res = regression_metrics(pred, yt, ["t", "never"])
+    assert res["t"]["n"] == 10 and res["t"]["mae"] < 0.5
+    assert res["never"]["n"] == 0 and math.isnan(alphas[1]) and np.isnan(pred[:, 1]).all()
 
 
 def test_nested_subsets_are_nested_exact_and_order_free():

@@ -148,7 +148,7 @@ def test_scaling_configs_validate(name):
 
 
 def test_ridge_probe_recovers_a_linear_target():
-    from finetune.scaling import ridge_probe
+    from finetune.probe import ridge_probe
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 6)) * [1, 10, 0.1, 1, 1, 1] + 5
