@@ -85,6 +85,24 @@ def cohort60(tmp_path_factory, ray_cluster) -> Path:
     return out
 
 
+def write_shards(out: Path, groups: list[tuple[str, list[str]]], make_sample) -> list[dict]:
+    """A converted dataset's shards written directly (no Ray): one shard per (split, keys) group under
+    out/shards, each sample from `make_sample(key)` (a `format.UKBSample`); returns the manifest's shard list."""
+    import webdataset as wds
+
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for block, (split, keys) in enumerate(groups):
+        rel = f"shards/ukb-{split}-{block:06d}.tar"
+        with open(out / rel, "wb") as f:
+            tar = wds.TarWriter(f, encoder=False)
+            for k in keys:
+                tar.write(make_sample(k).to_wds())
+            tar.close()
+        shards.append({"path": rel, "split": split, "samples": len(keys), "block": block})
+    return shards
+
+
 @functools.lru_cache(maxsize=1)
 def slurm_problem() -> str | None:
     """None when a SLURM controller answers (the SLURM tests run), else why not (they skip with it)."""

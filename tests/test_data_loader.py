@@ -41,22 +41,18 @@ def _sample(key: str, rng) -> UKBSample:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    import webdataset as wds
+    from conftest import write_shards
 
     out = tmp_path_factory.mktemp("ukb")
-    (out / "shards").mkdir()
     rng = np.random.default_rng(0)
-    samples, shards = {}, []
+    samples = {}
+
+    def make(key):
+        samples[key] = _sample(key, rng)
+        return samples[key]
+
     groups = [("train", TRAIN_KEYS[i:i + 5]) for i in range(0, 40, 5)] + [("val", VAL_KEYS)]
-    for block, (split, keys) in enumerate(groups):
-        rel = f"shards/ukb-{split}-{block:06d}.tar"
-        with open(out / rel, "wb") as f:
-            tar = wds.TarWriter(f, encoder=False)
-            for k in keys:
-                samples[k] = s = _sample(k, rng)
-                tar.write(s.to_wds())
-            tar.close()
-        shards.append({"path": rel, "split": split, "samples": len(keys), "block": block})
+    shards = write_shards(out, groups, make)
     shards.reverse()  # the loader sorts by block
     manifest = {"dataset": "ukb", "block_size": 5, "shards": shards,
                 "tabular": {"stats": {"v1": STATS}, "current_stats": "v1"}}

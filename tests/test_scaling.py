@@ -28,25 +28,20 @@ CFG = DataConfig(workers=0, shuffle_buffer=4, rotation_deg=0.0, flip=False, cont
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    import webdataset as wds
+    from conftest import write_shards
 
     out = tmp_path_factory.mktemp("ukb")
-    (out / "shards").mkdir()
     rng = np.random.default_rng(0)
-    shards, blocks = [], []
+
+    def make(key):
+        return UKBSample(key=key, image=rng.random((4, 6, 8, 8)).astype(np.float16),
+                         seg=np.zeros((4, 6, 8, 8), np.uint8), seg_valid=np.ones(4, bool),
+                         tabular=np.zeros(2, np.float32), diseases=np.zeros(len(DISEASES), np.int8),
+                         phenotypes=np.zeros(len(PHENOTYPES), np.float32), meta={})
+
     groups = [("train", TRAIN_KEYS[i:i + 5]) for i in range(0, 40, 5)] + [("val", VAL_KEYS)]
-    for block, (split, keys) in enumerate(groups):
-        rel = f"shards/ukb-{split}-{block:06d}.tar"
-        with open(out / rel, "wb") as f:
-            tar = wds.TarWriter(f, encoder=False)
-            for k in keys:
-                tar.write(UKBSample(key=k, image=rng.random((4, 6, 8, 8)).astype(np.float16),
-                                    seg=np.zeros((4, 6, 8, 8), np.uint8), seg_valid=np.ones(4, bool),
-                                    tabular=np.zeros(2, np.float32), diseases=np.zeros(len(DISEASES), np.int8),
-                                    phenotypes=np.zeros(len(PHENOTYPES), np.float32), meta={}).to_wds())
-            tar.close()
-        shards.append({"path": rel, "split": split, "samples": len(keys), "block": block})
-        blocks.append({"id": block, "split": split, "keys": keys, "rows": []})
+    shards = write_shards(out, groups, make)
+    blocks = [{"id": i, "split": split, "keys": keys, "rows": []} for i, (split, keys) in enumerate(groups)]
     (out / "manifest.json").write_text(json.dumps({"dataset": "ukb", "shards": shards, "blocks": blocks}))
     return out
 
