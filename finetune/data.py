@@ -110,6 +110,10 @@ class SubjectDataset(Dataset):
             return np.zeros((0, len(self.disease_index)), np.int64)
         return self._rows("diseases")[:, self.disease_index].astype(np.int64)
 
+    def seg_valid_table(self) -> np.ndarray:
+        """(N, planes) bool: which planes of each subject of the split have a ground-truth segmentation."""
+        return self._seg_valid
+
     def __getitem__(self, i: int) -> dict:
         key = self.keys[i]
         if self.kspace is not None:

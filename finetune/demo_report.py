@@ -54,14 +54,22 @@ def pretraining_section(demo: Path, fig_dir: Path) -> tuple[str, list[Path]]:
     return "\n".join(lines), figs
 
 
-def _retrieval_statement(title: str, val: list[dict]) -> list[str]:
-    """Image-to-X validation top-1 over the run: best and last against chance (1 / candidates)."""
+def _retrieval(val: list[dict]) -> tuple[str, int, dict] | None:
+    """The image-to-X top-1 key of a contrastive run's validation rows, its number of candidates (image -> text:
+    the distinct sentences; else the samples) and the best row; None without such rows."""
     key = next((k for k in (val[0] if val else {}) if k.startswith("image_to_") and k.endswith("_top1")), None)
     if key is None:
+        return None
+    return key, val[-1].get("sentences", val[-1].get("n")), max(val, key=lambda r: r[key])
+
+
+def _retrieval_statement(title: str, val: list[dict]) -> list[str]:
+    """Image-to-X validation top-1 over the run: best and last against chance (1 / candidates)."""
+    found = _retrieval(val)
+    if found is None:
         return []
-    candidates = val[-1].get("sentences", val[-1].get("n"))  # image -> text: the distinct sentences
+    key, candidates, best = found
     chance = 1 / candidates
-    best = max(val, key=lambda r: r[key])
     last = val[-1][key]
 
     def verdict(v: float) -> str:
@@ -99,10 +107,10 @@ def summarise(demo: str | Path) -> dict:
             "step": s1[-1]["step"]}
     for stage in ("stage2", "metaclip"):
         val = [r for r in _rows(demo / stage / "metrics.jsonl") if r.get("split") == "val"]
-        key = next((k for k in (val[-1] if val else {}) if k.startswith("image_to_") and k.endswith("_top1")), None)
-        if key:
-            chance = 1 / val[-1].get("sentences", val[-1].get("n"))
-            best = max(val, key=lambda r: r[key])
+        found = _retrieval(val)
+        if found:
+            key, candidates, best = found
+            chance = 1 / candidates
             out[stage] = {"retrieval_top1": _r(val[-1][key]), "chance": _r(chance),
                           "retrieval_top1_over_chance": _r(val[-1][key] / chance, 2),
                           "best_retrieval_top1_over_chance": _r(best[key] / chance, 2), "best_step": best["step"]}

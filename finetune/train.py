@@ -77,13 +77,12 @@ def seg_class_weights(ds: SubjectDataset, max_subjects: int = 200) -> np.ndarray
     """Per class sqrt(median frequency / frequency) over the labelled planes of up to `max_subjects` training
     subjects (every 5th stored frame): the weights of `task.seg_class_weighting` (the square root: the full ratio
     over-grew the atria and the myocardium on the demo); a class never seen gets the largest."""
-    g = ds.reader.group
     counts = np.zeros(len(LABELS))
-    for key in ds.keys[:max_subjects]:
-        planes = np.flatnonzero(ds.reader.group["seg_valid"][ds.reader.rows[key]])
+    for i, key in enumerate(ds.keys[:max_subjects]):
+        planes = np.flatnonzero(ds.seg_valid_table()[i])
         if len(planes):
-            seg = np.asarray(g["seg"].get_orthogonal_selection((ds.reader.rows[key], planes.tolist(),
-                                                                 slice(None, None, 5))))
+            seg = np.asarray(ds.reader.group["seg"].get_orthogonal_selection((ds.reader.rows[key], planes.tolist(),
+                                                                               slice(None, None, 5))))
             counts += np.bincount(seg.ravel(), minlength=len(LABELS))[:len(LABELS)]
     freq = counts / max(counts.sum(), 1)
     seen = freq > 0
