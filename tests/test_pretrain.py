@@ -218,18 +218,19 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path)
            "train", "--config", str(STAGE2), f"checkpoint.dir={stage2}", f"data.dataset={shards}",
            f"checkpoint.init_from={stage1}", "train.global_batch=4", "train.micro_batch=2", "train.epochs=10",
            "train.samples_per_epoch=16", "train.log_every=4", "train.eval_every=8", "train.eval_split=train",
-           "checkpoint.keep=20"]
+           "checkpoint.keep=20",
+           # as the demo: an 8-step Stage I export's features share one large common component (see the config)
+           "tabular.image_feature_norm=batchnorm"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:]
     m = _metrics(stage2)
-    first, last = m[min(m)]["loss"], m[max(m)]["loss"]
-    assert abs(first - np.log(4)) < 0.15 and last < 0.6 * first, (first, last)  # CLIP over 4 subjects
-    assert m[max(m)]["acc"] > 0.7
-    # validation retrieval (here in-sample: the tiny cohort has 4 subjects) in metrics.jsonl and TensorBoard
+    assert all(np.isfinite(r["loss"]) for r in m.values())
+    # whether it learns is read from the validation pass (here in-sample: the tiny cohort has 4 subjects): one
+    # training batch of 4 with masked images and corrupted tables is too noisy to judge by (it swings 0.5-1.7)
     val = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines() if '"split": "val"' in x]
     assert [v["step"] for v in val] == [8, 16, 24, 32, 40] and all(v["n"] == 4 for v in val)
     assert val[-1]["image_to_table_top1"] >= 0.75 and val[-1]["table_to_image_top1"] >= 0.75, val[-1]
-    assert val[-1]["loss"] < val[0]["loss"]
+    assert val[-1]["loss"] < val[0]["loss"] and val[-1]["loss"] < 0.6 * np.log(4), val
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(stage2 / "tensorboard")).Reload().Tags()["scalars"]
@@ -320,6 +321,6 @@ def test_stage2_in_bf16(shards, tmp_path):
     assert "bf16" in res.stdout
     m = _metrics(run)
     assert all(np.isfinite(r["loss"]) for r in m.values())
-    assert m[max(m)]["loss"] < 0.8 * m[min(m)]["loss"], m
     val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"split": "val"' in x]
     assert [v["step"] for v in val] == [20, 40] and np.isfinite(val[-1]["loss"])
+    assert val[-1]["loss"] < val[0]["loss"] and val[-1]["loss"] < 0.75 * np.log(4), val  # in-sample, 4 subjects
