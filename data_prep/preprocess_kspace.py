@@ -52,6 +52,7 @@ import numpy as np
 
 from data_prep.mri import centered_ifft2, rss
 from data_prep.sources.kspace import (
+    KIND_RANK,
     MODALITIES,
     VIEWS,
     candidate_keys,
@@ -74,6 +75,7 @@ __all__ = [
     "normalize_sequence",
     "preprocess_images",
     "preprocess_kspace_file",
+    "readout_window",
     "reconstruct",
     "resize_images",
 ]
@@ -87,11 +89,22 @@ _F16_MAX = float(np.finfo(np.float16).max)
 # --------------------------------------------------------------------------------------
 
 
-def reconstruct(kspace: np.ndarray) -> np.ndarray:
-    """Fully sampled multi-coil k-space -> RSS magnitude, float32 ``(nt, nz, ny, nx)``.
+def readout_window(nx: int, readout_oversampling: float) -> slice:
+    """The central ``nx / readout_oversampling`` image columns: the field of view an oversampled readout
+    (``nx`` samples) was acquired for. 1.0 keeps every column."""
+    if not readout_oversampling >= 1.0:
+        raise ValueError(f"readout_oversampling must be >= 1, got {readout_oversampling}")
+    keep = max(1, int(round(nx / readout_oversampling)))
+    start = (nx - keep) // 2
+    return slice(start, start + keep)
+
+
+def reconstruct(kspace: np.ndarray, readout_oversampling: float = 1.0) -> np.ndarray:
+    """Fully sampled multi-coil k-space -> RSS magnitude, float32 ``(nt, nz, ny, nx / readout_oversampling)``.
 
     ``kspace``: complex ``(nt, nz, nc, ny, nx)`` or ``(nz, nc, ny, nx)`` (-> nt = 1).
-    Centred orthonormal inverse FFT over (ny, nx) (:func:`data_prep.mri.centered_ifft2`),
+    Centred orthonormal inverse FFT over (ny, nx) (:func:`data_prep.mri.centered_ifft2`), the central
+    ``1 / readout_oversampling`` of the readout (x) kept in image space (CMRxRecon: 2x oversampled, 512 -> 256),
     then root-sum-of-squares over the coil axis (:func:`data_prep.mri.rss`).
     Frames are processed one at a time to bound temporary memory.
     """
@@ -105,9 +118,10 @@ def reconstruct(kspace: np.ndarray) -> np.ndarray:
     if k.dtype != np.complex64:
         k = k.astype(np.complex64)
     nt, nz, _, ny, nx = k.shape
-    out = np.empty((nt, nz, ny, nx), dtype=np.float32)
+    window = readout_window(nx, readout_oversampling)
+    out = np.empty((nt, nz, ny, window.stop - window.start), dtype=np.float32)
     for t in range(nt):
-        out[t] = rss(centered_ifft2(k[t]), coil_axis=-3)
+        out[t] = rss(centered_ifft2(k[t])[..., window], coil_axis=-3)
     return out
 
 
@@ -330,6 +344,7 @@ def preprocess_kspace_file(
     *,
     key: str | Sequence[str] | None = None,
     keep_aspect: bool = False,
+    readout_oversampling: float = 1.0,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """Read, reconstruct and preprocess one k-space file.
 
@@ -337,13 +352,16 @@ def preprocess_kspace_file(
     from it; default: ``path`` itself, which works when it contains ``MultiCoil/...``).
     ``key``: MAT variable name(s); default :func:`data_prep.sources.kspace.candidate_keys`
     (``kspace_full``, then ``kspace``; ``kspace_subNN`` for AccFactorNN folders).
+    The file kind's rank (:data:`data_prep.sources.kspace.KIND_RANK`) restores the trailing singleton axes MATLAB
+    drops. ``readout_oversampling``: the readout's oversampling factor (CMRxRecon / MMCMR-427K: 2), removed in
+    image space (:func:`reconstruct`).
 
     Returns ``images`` float16 ``(nt, nz, H, W)`` (nt = 1 for 4D files) and ``meta``
     (plain Python values): sequence_key, patient_key, relpath, modality (folder),
     modality_label, modality_index, name, views, view_indices, multi_view, split,
     sampling, acc_factor, center, vendor, field_strength_t, scanner_model, scanner,
-    patient, format ("v73"/"v5"), mat_key, kspace_shape, original_shape
-    ``(nt, nz, ny, nx)``, has_time_axis, nt, nz, nc, size, keep_aspect, norm_mean,
+    patient, format ("v73"/"v5"), mat_key, kspace_shape (canonical, full rank), stored_shape (as stored),
+    readout_oversampling, original_shape ``(nt, nz, ny, nx)`` (nx after the oversampling is removed), has_time_axis, nt, nz, nc, size, keep_aspect, norm_mean,
     norm_std (raw units), n_zero_images, text, texts, slice_texts.
 
     Raises ValueError naming the file and the reason: path outside the layout,
@@ -358,14 +376,14 @@ def preprocess_kspace_file(
         label = modality_label(str(parsed["modality"]), str(parsed["name"]))
     except ValueError as e:
         raise _err(p, str(e)) from e
-    data = load_kspace(p, candidate_keys(parsed) if key is None else key)
+    data = load_kspace(p, candidate_keys(parsed) if key is None else key, ndim=KIND_RANK[label])
     ksp = data.kspace
     n_bad = int(ksp.size - np.count_nonzero(np.isfinite(ksp)))
     if n_bad:
         raise _err(p, f"k-space {data.key!r} has {n_bad} non-finite values")
     if not np.any(ksp):
         raise _err(p, f"k-space {data.key!r} has zero energy (all zeros)")
-    mag = reconstruct(ksp)
+    mag = reconstruct(ksp, readout_oversampling)
     if not np.isfinite(mag).all():
         raise _err(p, "reconstructed images are not finite (overflow)")
     nt, nz, ny, nx = mag.shape
@@ -399,6 +417,8 @@ def preprocess_kspace_file(
         "format": data.format,
         "mat_key": data.key,
         "kspace_shape": tuple(int(d) for d in ksp.shape),
+        "stored_shape": data.stored_shape,
+        "readout_oversampling": float(readout_oversampling),
         "original_shape": (nt, nz, ny, nx),
         "has_time_axis": ksp.ndim == 5,
         "nt": nt,

@@ -29,7 +29,7 @@ def test_kspace_round_trip_and_bad_files(tiny_cohort, tmp_path, ray_cluster):
     (base / "P900").mkdir()
     (base / "P900" / "cine_sax.mat").write_bytes(b"\x00garbage" * 100)  # unreadable
     with h5py.File(base / "P900" / "T1map.mat", "w", userblock_size=512) as f:  # wrong rank
-        f.create_dataset("kspace_full", data=np.zeros((4, 8, 8), [("real", "<f4"), ("imag", "<f4")]))
+        f.create_dataset("kspace_full", data=np.zeros((2, 1, 1, 4, 8, 8), [("real", "<f4"), ("imag", "<f4")]))
     (src / "stray").mkdir()
     (src / "stray" / "notes.mat").write_bytes(b"MATLAB 5.0")  # outside the layout
     (base / "P900" / "cine_sax_mask.mat").write_bytes(b"mask")  # a sampling mask: not an input
@@ -52,9 +52,13 @@ def test_kspace_round_trip_and_bad_files(tiny_cohort, tmp_path, ray_cluster):
             s = KSpaceSample.from_wds(raw)
             z = reader.kspace(s.key)
             assert np.array_equal(s.image, z.image) and s.meta == z.meta  # shards and Zarr agree
-            direct, meta = preprocess_kspace_file(cfg.src / s.meta["relpath"], s.meta["relpath"], 64)
+            direct, meta = preprocess_kspace_file(cfg.src / s.meta["relpath"], s.meta["relpath"], 64,
+                                                  readout_oversampling=cfg.readout_oversampling)
             assert np.array_equal(s.image, direct)  # what preprocessing produced, bit for bit
             assert s.image.shape[2:] == (64, 64) and s.meta["text"] == meta["text"]
+            # the synthetic files are written as CMRxRecon's are (a 2x oversampled readout); the job removes it
+            assert s.meta["readout_oversampling"] == 2.0
+            assert s.meta["original_shape"][-1] * 2 == s.meta["kspace_shape"][-1]
             n += 1
     assert n == len(good)
 

@@ -54,6 +54,52 @@ def test_reconstruct_equals_generator_magnitude(scans):
         PK.reconstruct(np.zeros((2, 4, 4), np.complex64))
 
 
+def test_matlab_dropped_singleton_axes_and_readout_oversampling(scans, tmp_path):
+    """What real CMRxRecon files look like: MATLAB drops trailing singleton axes when it saves (the organisers'
+    single-coil, single-slice, single-frame cine_sax.mat demo file holds a 2D (512, 246) array) and the readout
+    is 2x oversampled. Saved with the singletons dropped (v5 and v7.3) the file converts to the same image as the
+    full-rank file; the oversampling is removed in image space, giving the generator's image back, unsquashed."""
+    import dataclasses
+
+    import scipy.io
+
+    cdt = np.dtype([("real", "<f4"), ("imag", "<f4")])
+    for case, (name, shape) in enumerate((("cine_sax", dict(nt=1, nz=1, nc=1)), ("cine_sax", dict(nt=1, nz=2)),
+                                          ("lge_sax", dict(nz=1, nc=1)))):
+        base = scans[name]
+        scan = dataclasses.replace(base, readout_oversampling=2, views=("sax",) * shape["nz"], **shape)
+        mag, ksp = K.make_kspace(scan)
+        assert ksp.shape == scan.shape and ksp.shape[-1] == 2 * scan.nx
+        rank = SK.KIND_RANK[K.kind_of(name).contrast]
+        dropped = ksp.reshape(ksp.shape[next(i for i, d in enumerate(ksp.shape) if d > 1):])  # leading 1s off
+        assert dropped.ndim < rank
+        full = K.write_mat_v73(tmp_path / f"full{case}" / scan.relpath, ksp)
+        v73 = tmp_path / f"v73_{case}" / scan.relpath
+        v73.parent.mkdir(parents=True)
+        with h5py.File(v73, "w", userblock_size=512) as f:  # h5py order: MATLAB's reversed
+            f.create_dataset("kspace_full", data=np.ascontiguousarray(dropped).view(cdt))
+        v5 = tmp_path / f"v5_{case}" / scan.relpath
+        v5.parent.mkdir(parents=True)
+        scipy.io.savemat(v5, {"kspace_full": dropped.T})  # MATLAB order (kx, ky[, sc[, sz]])
+        assert scipy.io.loadmat(v5)["kspace_full"].ndim == dropped.ndim
+        ref, meta = PK.preprocess_kspace_file(full, scan.relpath, 32, readout_oversampling=2)
+        for p in (v73, v5):
+            img, m = PK.preprocess_kspace_file(p, scan.relpath, 32, readout_oversampling=2)
+            np.testing.assert_array_equal(img, ref)
+            assert m["kspace_shape"] == meta["kspace_shape"] == scan.shape
+            assert m["stored_shape"] == dropped.shape and meta["stored_shape"] == scan.shape
+        assert meta["readout_oversampling"] == 2.0 and meta["original_shape"][-2:] == (scan.ny, scan.nx)
+        # the oversampling removed: the generator's own image, not a 2x-wide one squashed into the output square
+        rec = PK.reconstruct(ksp, readout_oversampling=2)
+        expect = mag.reshape(rec.shape)
+        np.testing.assert_allclose(rec, expect, rtol=1e-4, atol=1e-5 * float(expect.max()))
+        wide = PK.reconstruct(ksp)
+        assert wide.shape[-1] == 2 * scan.nx
+        assert np.abs(wide[..., : scan.nx // 2]).max() < 1e-3 * float(expect.max())  # the readout's margin: air
+    with pytest.raises(ValueError, match="readout_oversampling"):
+        PK.reconstruct(ksp, readout_oversampling=0.5)
+
+
 def test_preprocess_file_shapes_stats_and_formats(scans, written):
     for name, scan in scans.items():
         p73, p5 = written[name]
@@ -314,9 +360,10 @@ def test_errors_name_the_file(tmp_path: Path, scans, written):
     assert meta["mat_key"] == "img" and img.shape == (3, 3, 224, 224)
     kk = K.write_mat_v73(tmp_path / "kk.mat", ksp, key="kspace")
     assert PK.preprocess_kspace_file(kk, rel)[1]["mat_key"] == "kspace"
-    # wrong rank (3D and 6D), non-complex dtype, empty array
+    # wrong rank (1D: MATLAB keeps at least 2 axes; 6D), non-complex dtype, empty array (a 3D file is a 5D one
+    # saved with its trailing singleton axes dropped: test_matlab_dropped_singleton_axes_and_readout_oversampling)
     cdt = np.dtype([("real", "<f4"), ("imag", "<f4")])
-    for nd, arr in ((3, ksp[0, 0]), (6, ksp[None])):
+    for nd, arr in ((1, ksp[0, 0, 0, 0]), (6, ksp[None])):
         p = tmp_path / f"rank{nd}.mat"
         with h5py.File(p, "w") as f:
             f["kspace_full"] = np.ascontiguousarray(arr).view(cdt)

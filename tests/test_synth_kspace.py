@@ -309,11 +309,19 @@ def test_read_errors_name_the_file(tmp_path: Path):
         K.read_kspace_mat(real5)
     rank73 = K.write_mat_v73(tmp_path / "rank73.mat", ksp[0])  # 4D is valid
     assert K.read_kspace_mat(rank73).shape == ksp.shape[1:]
-    bad_rank = tmp_path / "rank3.mat"
-    with h5py.File(bad_rank, "w") as f:
+    rank3 = tmp_path / "rank3.mat"  # (nc, ny, nx): saved by MATLAB with its two trailing singletons dropped
+    with h5py.File(rank3, "w") as f:
         f["kspace_full"] = ksp[0, 0].view(np.dtype([("real", "<f4"), ("imag", "<f4")]))
-    with pytest.raises(ValueError, match=r"rank3\.mat.*rank 3"):
+    assert K.read_kspace_mat(rank3).shape == (1, *ksp.shape[2:])
+    assert K.read_kspace_mat(rank3, ndim=5).shape == (1, 1, *ksp.shape[2:])
+    bad_rank = tmp_path / "rank6.mat"
+    with h5py.File(bad_rank, "w") as f:
+        f["kspace_full"] = ksp[None].view(np.dtype([("real", "<f4"), ("imag", "<f4")]))
+    with pytest.raises(ValueError, match=r"rank6\.mat.*rank 6"):
         K.read_kspace_mat(bad_rank)
+    assert K.read_kspace_mat(rank73, ndim=4).shape == ksp.shape[1:]  # a 4D file read as a 4D kind: fine,
+    with pytest.raises(ValueError, match=r"rank5\.mat.*rank 5.*at most 4"):  # a 5D one is not
+        K.read_kspace_mat(K.write_mat_v73(tmp_path / "rank5.mat", ksp), ndim=4)
     with pytest.raises(ValueError, match="complex"):
         K.write_mat_v73(tmp_path / "w.mat", np.zeros((2, 2, 2, 2), np.float32))
     with pytest.raises(ValueError):

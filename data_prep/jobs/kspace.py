@@ -28,10 +28,18 @@ class KSpaceJobConfig:
     src: Path = Path("runs/demo/cohort/kspace")
     size: int = 224  # MetaCLIP-CMR: images resized to 224 x 224
     keep_aspect: bool = False
+    # CMRxRecon / MMCMR-427K acquire a 2x oversampled readout (512 samples for a 256-pixel field of view); the
+    # central half of it is kept in image space. 1.0 for data saved without oversampling.
+    readout_oversampling: float = 2.0
     max_frames: int = 32  # Zarr capacity per sequence; longer sequences are quarantined with the reason
     max_slices: int = 24
     fully_sampled_only: bool = True  # skip AccFactor (undersampled) folders
     job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("runs/demo/data/kspace"), block_size=64))
+
+    def __post_init__(self) -> None:
+        if not self.readout_oversampling >= 1.0:
+            raise ValueError(f"readout_oversampling must be >= 1 (1: none, CMRxRecon: 2), got "
+                             f"{self.readout_oversampling}")
 
 
 def discover(src: Path, fully_sampled_only: bool = True) -> tuple[list[WorkItem], list[dict], list[str]]:
@@ -87,7 +95,8 @@ class KSpaceDataset:
         if item.payload.get("error"):
             raise ValueError(item.payload["error"])
         image, meta = preprocess_kspace_file(item.paths[0], item.payload["relpath"], self.cfg.size,
-                                             keep_aspect=self.cfg.keep_aspect)
+                                             keep_aspect=self.cfg.keep_aspect,
+                                             readout_oversampling=self.cfg.readout_oversampling)
         T, Z = image.shape[:2]
         if T > self.cfg.max_frames or Z > self.cfg.max_slices:
             raise ValueError(f"{item.paths[0]}: {T} frames x {Z} slices exceed the store's capacity "

@@ -60,6 +60,14 @@ reports the reversed order ``(kx, ky, sc, sz, t)``.  v7.3 files are HDF5 (after
 a 512-byte MATLAB userblock) with complex data as compound ``{real, imag}``
 floats; v5 files (``scipy.io``) hold the same MATLAB variable, i.e. the array in
 MATLAB order, and are transposed back.  Both return complex64 in canonical order.
+MATLAB drops trailing singleton axes when it saves (a single-frame cine is stored
+4D, a single-coil single-slice single-frame one 2D); the reader puts them back up
+to the file kind's rank (:data:`KIND_RANK`).
+
+Readout oversampling: CMRxRecon and MMCMR-427K k-space is acquired with a 2x
+oversampled readout (``kx``, canonical ``nx``: 512 samples for a 256-pixel field
+of view); :func:`data_prep.preprocess_kspace.reconstruct` keeps the central
+1/factor of the readout in image space, as the challenge's own tools do.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ from data_prep.format import MODALITIES, VIEWS
 
 __all__ = [
     "DEFAULT_KEY",
+    "KIND_RANK",
     "MODALITIES",
     "RELPATH_RE",
     "VIEWS",
@@ -296,6 +305,7 @@ class KSpaceData:
     kspace: np.ndarray  # complex64, (nt, nz, nc, ny, nx) or (nz, nc, ny, nx)
     format: str  # "v73" | "v5"
     key: str  # the MAT variable read
+    stored_shape: tuple[int, ...]  # as stored, canonical (reversed MATLAB) order, dropped singleton axes absent
 
 
 def _keys_tuple(key: str | Sequence[str]) -> tuple[str, ...]:
@@ -310,17 +320,30 @@ def _missing(p: Path, keys: tuple[str, ...], present: list[str], fmt: str) -> Va
     return ValueError(f"{p}: {want} not found in MAT {fmt} file (keys present: {present})")
 
 
-def _check_rank(p: Path, key: str, shape: tuple[int, ...]) -> None:
-    if len(shape) not in (4, 5):
-        raise ValueError(
-            f"{p}: {key!r} has rank {len(shape)} (shape {shape}), expected 4 (nz, nc, ny, nx) "
-            "or 5 (nt, nz, nc, ny, nx)"
-        )
-    if 0 in shape:
-        raise ValueError(f"{p}: {key!r} is empty (shape {shape})")
+#: Canonical rank of each file kind (:data:`MODALITIES` label): cine and mapping carry a frame axis (cardiac
+#: phase, inversion or echo time), LGE and black blood do not.
+KIND_RANK: dict[str, int] = {"cine": 5, "t1map": 5, "t2map": 5, "lge": 4, "blackblood": 4}
 
 
-def _read_v73(p: Path, keys: tuple[str, ...]) -> KSpaceData:
+def _full_rank(p: Path, key: str, matlab_shape: tuple[int, ...], ndim: int | None) -> tuple[int, ...]:
+    """The MATLAB-order shape with the trailing singleton axes MATLAB drops when it saves put back.
+
+    MATLAB stores no trailing singleton dimension beyond the second (v5 and v7.3 alike), so a single-frame cine is
+    saved as ``(kx, ky, sc, sz)``, a single-slice single-frame one as ``(kx, ky, sc)`` and a single-coil one as
+    ``(kx, ky)`` (CMRxRecon's public ``cine_sax.mat`` demo file: ``(512, 246)``). ``ndim``: the canonical rank of
+    the file kind (:data:`KIND_RANK`); None: 4 or 5 as stored, lower ranks padded to 4."""
+    rank = len(matlab_shape)
+    target = ndim if ndim is not None else max(rank, 4)
+    if rank < 2 or rank > 5 or rank > target:
+        want = f"{target}" if ndim is not None else "4 (kx, ky, sc, sz) or 5 (kx, ky, sc, sz, t)"
+        raise ValueError(f"{p}: {key!r} has rank {rank} (MATLAB shape {matlab_shape}), expected at most {want} "
+                         "(MATLAB order; trailing singleton axes may be dropped)")
+    if 0 in matlab_shape:
+        raise ValueError(f"{p}: {key!r} is empty (MATLAB shape {matlab_shape})")
+    return tuple(matlab_shape) + (1,) * (target - rank)
+
+
+def _read_v73(p: Path, keys: tuple[str, ...], ndim: int | None) -> KSpaceData:
     try:
         f = h5py.File(p, "r")
     except OSError as e:
@@ -337,7 +360,7 @@ def _read_v73(p: Path, keys: tuple[str, ...]) -> KSpaceData:
         names = dt.names or ()
         if set(names) != {"real", "imag"} or any(dt[n].kind != "f" for n in names):
             raise ValueError(f"{p}: {key!r} has non-complex dtype {dt}, expected complex (compound real/imag)")
-        _check_rank(p, key, tuple(ds.shape))
+        full = _full_rank(p, key, tuple(ds.shape)[::-1], ndim)[::-1]  # h5py sees the reversed MATLAB order
         try:
             raw = ds[()]
         except (OSError, RuntimeError) as e:
@@ -348,10 +371,10 @@ def _read_v73(p: Path, keys: tuple[str, ...]) -> KSpaceData:
         arr = np.empty(raw.shape, dtype=np.complex64)
         arr.real = raw["real"]
         arr.imag = raw["imag"]
-    return KSpaceData(arr, "v73", key)
+    return KSpaceData(arr.reshape(full), "v73", key, tuple(int(d) for d in raw.shape))
 
 
-def _read_v5(p: Path, keys: tuple[str, ...]) -> KSpaceData:
+def _read_v5(p: Path, keys: tuple[str, ...], ndim: int | None) -> KSpaceData:
     try:
         mat = scipy.io.loadmat(p, variable_names=list(keys))
     except Exception as e:  # scipy raises ValueError/TypeError/OSError/MatReadError/... on junk
@@ -372,22 +395,27 @@ def _read_v5(p: Path, keys: tuple[str, ...]) -> KSpaceData:
     arr = np.asarray(mat[key])
     if not np.iscomplexobj(arr):
         raise ValueError(f"{p}: {key!r} has non-complex dtype {arr.dtype}, expected complex")
-    _check_rank(p, key, tuple(arr.shape))
-    return KSpaceData(np.ascontiguousarray(arr.T, dtype=np.complex64), "v5", key)
+    stored = tuple(int(d) for d in arr.shape)
+    arr = arr.reshape(_full_rank(p, key, stored, ndim))
+    return KSpaceData(np.ascontiguousarray(arr.T, dtype=np.complex64), "v5", key, stored[::-1])
 
 
-def load_kspace(path: str | os.PathLike[str], key: str | Sequence[str] = DEFAULT_KEY) -> KSpaceData:
-    """Like :func:`read_kspace_mat`, also reporting the file format and the variable read."""
+def load_kspace(path: str | os.PathLike[str], key: str | Sequence[str] = DEFAULT_KEY,
+                ndim: int | None = None) -> KSpaceData:
+    """Like :func:`read_kspace_mat`, also reporting the file format, the variable read and its stored shape."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     keys = _keys_tuple(key)
+    if ndim not in (None, 4, 5):
+        raise ValueError(f"ndim must be None, 4 or 5, got {ndim}")
     if h5py.is_hdf5(p):
-        return _read_v73(p, keys)
-    return _read_v5(p, keys)
+        return _read_v73(p, keys, ndim)
+    return _read_v5(p, keys, ndim)
 
 
-def read_kspace_mat(path: str | os.PathLike[str], key: str | Sequence[str] = DEFAULT_KEY) -> np.ndarray:
+def read_kspace_mat(path: str | os.PathLike[str], key: str | Sequence[str] = DEFAULT_KEY,
+                    ndim: int | None = None) -> np.ndarray:
     """Read k-space from a MATLAB v7.3 (HDF5) or v5 MAT-file as complex64.
 
     ``key`` is the MAT variable, or a sequence of names tried in order (the first
@@ -395,9 +423,14 @@ def read_kspace_mat(path: str | os.PathLike[str], key: str | Sequence[str] = DEF
     ``(nt, nz, nc, ny, nx)`` / ``(nz, nc, ny, nx)`` for both formats (v5 files are
     stored in MATLAB order and transposed back).
 
+    ``ndim``: the canonical rank the file kind has (:data:`KIND_RANK`: 5 with a frame
+    axis, 4 without); the trailing singleton axes MATLAB drops on saving (a single
+    frame, slice or coil) are put back up to it.  None: a stored rank 4 or 5 is taken
+    as it is, a lower one is padded to 4.
+
     Raises FileNotFoundError for a missing file and ValueError -- naming the file
     and the reason -- for: not a MAT file, a corrupt or truncated file, a missing
-    key (listing the keys present), a non-complex dtype, a rank other than 4 or 5,
-    or an empty array.
+    key (listing the keys present), a non-complex dtype, a rank above ``ndim`` (or
+    5) or below 2, or an empty array.
     """
-    return load_kspace(path, key).kspace
+    return load_kspace(path, key, ndim).kspace

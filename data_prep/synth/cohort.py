@@ -55,6 +55,9 @@ class SynthConfig:
     prevalence_scale: float = 1.0  # >1 enriches rare diseases (small demo cohorts)
     kspace_format: Literal["v73", "v5", "mixed"] = "v73"  # MATLAB v7.3 (HDF5) and/or v5 (CMRxRecon 2023)
     kspace_size_scale: float = 1.0
+    # k-space written as CMRxRecon / MMCMR-427K store it: the readout 2x oversampled (the converter's
+    # readout_oversampling removes it); 1 writes the image's field of view only
+    kspace_readout_oversampling: int = 2
     workers: int = 0  # 0: one per core
 
     def __post_init__(self):
@@ -62,6 +65,8 @@ class SynthConfig:
             raise ValueError("subjects and kspace_scans must be >= 0")
         if self.prevalence_scale <= 0 or self.kspace_size_scale <= 0:
             raise ValueError("prevalence_scale and kspace_size_scale must be > 0")
+        if self.kspace_readout_oversampling < 1:
+            raise ValueError(f"kspace_readout_oversampling must be >= 1, got {self.kspace_readout_oversampling}")
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, frame_interval_ms: float) -> None:
@@ -155,7 +160,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         return _summary(cfg, _read_rows(out / "truth.csv"), _read_rows(out / "kspace_truth.csv"), 0.0, cached=True)
     out.mkdir(parents=True, exist_ok=True)
     eids = cohort_eids(cfg.subjects, cfg.seed)
-    scans = ksp.plan_kspace_scans(cfg.kspace_scans, cfg.seed, cfg.kspace_size_scale)
+    scans = ksp.plan_kspace_scans(cfg.kspace_scans, cfg.seed, cfg.kspace_size_scale, cfg.kspace_readout_oversampling)
     tasks = [(cfg, "subject", e) for e in eids] + [(cfg, "kspace", s) for s in scans]
     workers = cfg.workers or os.cpu_count() or 1
     truths, tab_rows, scan_rows = [], [], []

@@ -263,8 +263,9 @@ class KSpaceScan:
     nz: int
     nc: int
     ny: int
-    nx: int
+    nx: int  # image columns (the field of view); the k-space readout holds nx * readout_oversampling samples
     seed: int  # plan seed
+    readout_oversampling: int = 1  # CMRxRecon / MMCMR-427K: 2
 
     @property
     def scanner_folder(self) -> str:
@@ -281,8 +282,8 @@ class KSpaceScan:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """k-space shape: (nt, nz, nc, ny, nx) or (nz, nc, ny, nx)."""
-        spatial = (self.nz, self.nc, self.ny, self.nx)
+        """k-space shape: (nt, nz, nc, ny, nx * readout_oversampling) or (nz, nc, ny, nx * readout_oversampling)."""
+        spatial = (self.nz, self.nc, self.ny, self.nx * self.readout_oversampling)
         return spatial if self.nt is None else (self.nt, *spatial)
 
     @property
@@ -317,7 +318,8 @@ def _cycle_pick(seed: int, stream: int, i: int, first: tuple[int, ...]) -> int:
     return int(_rng(seed, _STREAM_PLAN, stream, c).permutation(len(first))[j])
 
 
-def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0) -> list[KSpaceScan]:
+def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0, readout_oversampling: int = 1
+                      ) -> list[KSpaceScan]:
     """Deterministic list of ``n`` scans.
 
     * file kind, i.e. the (modality, view) stratum: a seeded cycle over the
@@ -335,12 +337,16 @@ def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0) -> list[KSpace
       non-square), nc from the scanner's coil range, nz from the kind.
 
     ``size_scale`` scales only the in-plane matrix (ny, nx; minimum 16).
+    ``readout_oversampling``: the k-space readout covers that many times the
+    image's field of view along x (CMRxRecon: 2; the images are unchanged).
     The list for ``n`` is a prefix of the list for any larger ``n``.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not size_scale > 0:
         raise ValueError(f"size_scale must be > 0, got {size_scale}")
+    if int(readout_oversampling) != readout_oversampling or readout_oversampling < 1:
+        raise ValueError(f"readout_oversampling must be a whole number >= 1, got {readout_oversampling}")
     seed = int(seed)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -376,6 +382,7 @@ def plan_kspace_scans(n: int, seed: int, size_scale: float = 1.0) -> list[KSpace
                 ny=ny,
                 nx=nx,
                 seed=seed,
+                readout_oversampling=int(readout_oversampling),
             )
         )
     return scans
@@ -801,7 +808,8 @@ def _coil_maps(scan: KSpaceScan) -> np.ndarray:
 
 def make_kspace(scan: KSpaceScan) -> tuple[np.ndarray, np.ndarray]:
     """``(magnitude, kspace)``: float32 magnitude as :func:`render_magnitude`, and
-    complex64 k-space of shape (nt, nz, nc, ny, nx) or (nz, nc, ny, nx)."""
+    complex64 k-space of shape :attr:`KSpaceScan.shape` (the readout oversampled
+    ``scan.readout_oversampling`` times)."""
     mag, _ = _render(scan)
     rng = _rng(scan.seed, _STREAM_SCAN, scan.index, _SUB_NOISE, 1)
     coefs = rng.normal(0.0, 0.6, (scan.nz, 5))
@@ -811,6 +819,10 @@ def make_kspace(scan: KSpaceScan) -> tuple[np.ndarray, np.ndarray]:
     maps = _coil_maps(scan)  # (nz, nc, ny, nx)
     img = mag.astype(np.complex64) * np.exp(1j * phase).astype(np.complex64)  # (..., nz, ny, nx)
     coil_imgs = img[..., None, :, :] * maps  # (..., nz, nc, ny, nx)
+    if scan.readout_oversampling > 1:  # the readout's wider field of view: air either side of the image
+        extra = scan.nx * (scan.readout_oversampling - 1)
+        pad = [(0, 0)] * (coil_imgs.ndim - 1) + [(extra // 2, extra - extra // 2)]
+        coil_imgs = np.pad(coil_imgs, pad)
     ksp = centered_fft2(coil_imgs).astype(np.complex64, copy=False)
     assert ksp.shape == scan.shape, (ksp.shape, scan.shape)
     return mag, ksp
