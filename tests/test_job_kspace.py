@@ -33,14 +33,17 @@ def test_kspace_round_trip_and_bad_files(tiny_cohort, tmp_path, ray_cluster):
     (src / "stray").mkdir()
     (src / "stray" / "notes.mat").write_bytes(b"MATLAB 5.0")  # outside the layout
     (base / "P900" / "cine_sax_mask.mat").write_bytes(b"mask")  # a sampling mask: not an input
+    (base / "P901").mkdir()
+    (base / "P901" / good[0].name).symlink_to(good[0].name)  # a symlink loop (it names itself)
 
     cfg = _cfg(src, tmp_path / "out")
     report, _ = run(cfg, progress=False)
     c = report.counts
-    assert c == {"inputs": len(good) + 3, "written": len(good), "quarantined": 3, "skipped": 0}
+    assert c == {"inputs": len(good) + 4, "written": len(good), "quarantined": 4, "skipped": 0}
     m = json.loads((cfg.job.out / "manifest.json").read_text())
     reasons = " | ".join(q["reason"] for q in m["quarantined"])
     assert "cine_sax.mat" in reasons and "T1map.mat" in reasons and "notes.mat" in reasons
+    assert f"P901/{good[0].name}: a symbolic link that does not resolve" in reasons
     assert any("cine_sax_mask.mat" in f for f in m["ignored_files"])
 
     reader = StoreReader(cfg.job.out)
@@ -63,7 +66,7 @@ def test_kspace_round_trip_and_bad_files(tiny_cohort, tmp_path, ray_cluster):
     assert n == len(good)
 
     again, _ = run(cfg, progress=False)
-    assert again.nothing_to_do and again.counts["skipped"] == len(good) + 3
+    assert again.nothing_to_do and again.counts["skipped"] == len(good) + 4
 
 
 def _write(root: Path, scans) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,24 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
     nib.save(nib.Nifti1Image(x, la.affine), d / "la_4ch.nii.gz")
     with pytest.raises(InputError, match=r"la_4ch: non-finite"):
         preprocess(read_ukb_nifti_dir(d), CFG)
+
+    # labels outside the plane's documented set (they used to become background, the subject written with RVEDV 0)
+    for i, (view, value, dtype) in enumerate((("sa", 7, np.int16), ("sa", 200, np.int16), ("sa", -1, np.int16),
+                                              ("sa", 1.5, np.float32), ("la_2ch", 2, np.uint8))):
+        d = _copy_subject(tiny_cohort, tmp_path / f"label{i}")
+        seg = nib.load(d / f"seg_{view}.nii.gz")
+        x = np.asarray(seg.dataobj).astype(dtype)
+        x[0, 0, 0, 0] = value
+        nib.save(nib.Nifti1Image(x, seg.affine), d / f"seg_{view}.nii.gz")
+        with pytest.raises(InputError, match=re.escape(f"seg_{view}.nii.gz: segmentation labels {{{value:g}}} "
+                                                       "outside the documented set [0, 1")):
+            read_ukb_nifti_dir(d)
+
+    d = _copy_subject(tiny_cohort, tmp_path / "loop")
+    (d / "sa.nii.gz").unlink()
+    (d / "sa.nii.gz").symlink_to("sa.nii.gz")  # a symlink loop: not "missing"
+    with pytest.raises(InputError, match=r"sa.nii.gz: a symbolic link that does not resolve"):
+        read_ukb_nifti_dir(d)
 
     bad_zip = tmp_path / "1000000_20209_2_0.zip"
     bad_zip.write_bytes(gzip.compress(b"not a zip"))

@@ -125,6 +125,19 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def mean_input_bytes(items: list[WorkItem]) -> float:
+    """Average bytes of the inputs per work item (the summary's source size), counting regular files only: a
+    dangling link or a symlink loop was quarantined with its reason and has no size."""
+    total = 0
+    for it in items:
+        for p in it.paths:
+            try:
+                total += os.stat(p).st_size if os.path.isfile(p) else 0
+            except OSError:
+                pass
+    return total / max(len(items), 1)
+
+
 def _quarantine_record(item: WorkItem, reason: str) -> dict:
     return {"key": item.key, "files": item.paths, "reason": reason, "fingerprint": fingerprint(item.paths)}
 

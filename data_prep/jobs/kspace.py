@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.format import KSpaceSample
-from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem
+from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
 from data_prep.preprocess_kspace import MODALITIES, VIEWS, preprocess_kspace_file
 from data_prep.sources.kspace import parse_relpath, patient_key, sequence_key, stratum
 
@@ -127,7 +127,7 @@ def run(cfg: KSpaceJobConfig, progress: bool = True):
 
     report = run_job(KSpaceDataset(cfg), items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress,
                      split_scheme=SPLIT_SCHEME)
-    src_bytes = sum(Path(it.paths[0]).stat().st_size for it in items) / max(len(items), 1)
+    src_bytes = mean_input_bytes(items)
     return report, src_bytes
 
 

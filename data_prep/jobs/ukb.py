@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from data_prep.format import DISEASES, PHENOTYPES, UKBSample
-from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem
+from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
 from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
 from data_prep.sources.ukb_nifti import InputError, read_ukb_dicom_study, read_ukb_nifti_dir
 
@@ -159,7 +159,7 @@ def run(cfg: UKBJobConfig, progress: bool = True):
 
     dataset = UKBDataset(cfg.preprocess, len(spec.features))
     report = run_job(dataset, items, cfg.job, cfg, skipped=skipped, manifest_extra=extra, progress=progress)
-    src_bytes = sum(Path(p).stat().st_size for it in items for p in it.paths if Path(p).is_file()) / max(len(items), 1)
+    src_bytes = mean_input_bytes(items)
     return report, src_bytes
 
 

@@ -404,6 +404,8 @@ def load_kspace(path: str | os.PathLike[str], key: str | Sequence[str] = DEFAULT
                 ndim: int | None = None) -> KSpaceData:
     """Like :func:`read_kspace_mat`, also reporting the file format, the variable read and its stored shape."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{p}: a symbolic link that does not resolve (dangling, or a loop)")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     keys = _keys_tuple(key)

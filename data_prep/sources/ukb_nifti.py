@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from data_prep.format import SOURCE_LABEL_MAPS
 from data_prep.sources import CINE_VIEWS, SEGMENTED_VIEWS, CineStudy
 from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
 
@@ -24,11 +25,31 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return img, data
 
 
+def _check_link(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: a symbolic link that does not resolve (dangling, or a loop)")
+
+
+def _check_labels(path: Path, view: str, seg: np.ndarray) -> np.ndarray:
+    """The segmentation as uint8 once every value is one of the plane's documented ukbb_cardiac labels
+    (`format.SOURCE_LABEL_MAPS` and background): an unknown label (7, 200, -1, 1.5) would otherwise turn into
+    background and the subject be written with a zero volume."""
+    allowed = {0, *SOURCE_LABEL_MAPS["sa" if view.startswith("sa") else view]}
+    values = np.unique(seg)
+    bad = [v for v in values.tolist() if v not in allowed]  # NaN is never `in` the set
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise InputError(f"{path}: segmentation labels {{{shown}}} outside the documented set "
+                         f"{sorted(allowed)} for {view}")
+    return seg.astype(np.uint8)
+
+
 def read_ukb_nifti_dir(subject_dir: str | Path) -> CineStudy:
     d = Path(subject_dir)
     pixels, affines, segs, dts = {}, {}, {}, []
     for view in CINE_VIEWS:
         path = d / f"{view}.nii.gz"
+        _check_link(path)
         if not path.is_file():
             raise InputError(f"{path}: missing view {view}")
         img, data = _load(path)
@@ -38,11 +59,12 @@ def read_ukb_nifti_dir(subject_dir: str | Path) -> CineStudy:
         dts.append(float(img.header["pixdim"][4]))
     for view in SEGMENTED_VIEWS:
         path = d / f"seg_{view}.nii.gz"
+        _check_link(path)
         if path.is_file():
             _, seg = _load(path)
             if seg.shape != pixels[view].shape:
                 raise InputError(f"{path}: segmentation shape {seg.shape} != image shape {pixels[view].shape}")
-            segs[view] = seg.astype(np.uint8)
+            segs[view] = _check_labels(path, view, seg)
     return CineStudy(d.name, pixels, affines, float(np.median(dts)), segs, source="nifti")
 
 
