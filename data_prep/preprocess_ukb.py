@@ -80,6 +80,49 @@ def validate(study: CineStudy, cfg: UKBPreprocessConfig) -> None:
     z = study.pixels["sa"].shape[2]
     if z < cfg.sa_planes:
         raise InputError(f"subject {study.eid}: {z} short-axis slices, {cfg.sa_planes} required")
+    validate_geometry(study)
+
+
+PIXEL_MM = (0.3, 5.0)  # in-plane pixel spacing of a cardiac cine (UK Biobank: ~1.8 mm)
+SLICE_GAP_MM = (1.0, 25.0)  # short-axis slice spacing (UK Biobank: 10 mm)
+FRAME_MS = (2.0, 200.0)  # frame interval (UK Biobank: 50 frames over one RR interval, ~15-25 ms)
+
+
+def validate_geometry(study: CineStudy) -> None:
+    """Geometry a cine study must have before anything is measured in millimetres: finite, invertible affines,
+    physiological pixel and slice spacings and frame interval, and long-axis planes that cross the short-axis
+    stack (an absurd affine otherwise converts with blank long-axis planes and a 2e19 mL LVEDV)."""
+    where = f"subject {study.eid} ({study.source})"
+    if np.isfinite(study.frame_interval_ms) and not FRAME_MS[0] <= study.frame_interval_ms <= FRAME_MS[1]:
+        raise InputError(f"{where}: frame interval {study.frame_interval_ms:g} ms outside {list(FRAME_MS)} ms")
+    for view, A in study.affines.items():
+        A = np.asarray(A, np.float64)
+        if A.shape != (4, 4) or not np.isfinite(A).all():
+            raise InputError(f"{where} {view}: affine is not a finite 4 x 4 matrix")
+        if not np.isfinite(np.linalg.cond(A[:3, :3])) or np.linalg.cond(A[:3, :3]) > 1e6:
+            raise InputError(f"{where} {view}: affine is singular (its axes are not independent)")
+        si, sj = _spacing(A)
+        if not (PIXEL_MM[0] <= si <= PIXEL_MM[1] and PIXEL_MM[0] <= sj <= PIXEL_MM[1]):
+            raise InputError(f"{where} {view}: pixel spacing {si:g} x {sj:g} mm outside {list(PIXEL_MM)} mm")
+    A_sa = np.asarray(study.affines["sa"], np.float64)
+    nx, ny, nz = study.pixels["sa"].shape[:3]
+    gap = float(np.linalg.norm(A_sa[:3, 2]))
+    if nz > 1 and not SLICE_GAP_MM[0] <= gap <= SLICE_GAP_MM[1]:
+        raise InputError(f"{where} sa: slice spacing {gap:g} mm outside {list(SLICE_GAP_MM)} mm")
+    centre = _to_ras(A_sa, np.array([[(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2]]))[0]
+    si, sj = _spacing(A_sa)
+    radius = 0.5 * float(np.hypot(nx * si, ny * sj))
+    for view in LA_VIEWS:
+        A = np.asarray(study.affines[view], np.float64)
+        n = _normal(A)
+        dist = float(abs(n @ (centre - A[:3, 3])))
+        ijk = _to_voxel(A, (centre - (n @ (centre - A[:3, 3])) * n)[None])[0]
+        shape = study.pixels[view].shape
+        inside = all(-0.25 * shape[k] <= ijk[k] <= 1.25 * shape[k] for k in (0, 1))
+        if dist > radius or not inside:
+            raise InputError(f"{where} {view}: the plane does not cross the short-axis stack (its centre lies "
+                             f"{dist:.0f} mm from the plane, at pixel ({ijk[0]:.0f}, {ijk[1]:.0f}) of a "
+                             f"{shape[0]} x {shape[1]} image)")
 
 
 def _spacing(A: np.ndarray) -> tuple[float, float]:

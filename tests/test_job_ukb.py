@@ -107,11 +107,11 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tiny_cohort, tmp_path, 
     bad["9000002"] = "missing view la_4ch"
     d = _clone(proto, src, "9000003")  # wrong frame count
     img = nib.load(d / "la_3ch.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :25], img.affine), d / "la_3ch.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :25], img.affine, img.header), d / "la_3ch.nii.gz")
     bad["9000003"] = "25 frames, expected 50"
     d = _clone(proto, src, "9000004")  # an empty image
     img = nib.load(d / "la_2ch.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), d / "la_2ch.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine, img.header), d / "la_2ch.nii.gz")
     bad["9000004"] = "empty"
     d = _clone(proto, src, "9000005")  # a segmentation of the wrong shape
     seg = nib.load(d / "seg_sa.nii.gz")
@@ -128,6 +128,18 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tiny_cohort, tmp_path, 
             if info.filename != "manifest.csv":
                 zout.writestr(info, zin.read(info))
     shutil.copy(zsrc.with_name(zsrc.name.replace("20209", "20208")), src / "9000008_20208_2_0.zip")
+    d = _clone(proto, src, "9000009")  # absurd geometry: 1e6 mm short-axis pixels
+    img = nib.load(d / "sa.nii.gz")
+    A = img.affine.copy()
+    A[:3, 0] *= 1e6
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), A, img.header), d / "sa.nii.gz")
+    bad["9000009"] = "sa: pixel spacing"
+    d = _clone(proto, src, "9000010")  # a label outside the documented set
+    seg = nib.load(d / "seg_sa.nii.gz")
+    x = np.asarray(seg.dataobj).copy()
+    x[0, 0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(x, seg.affine, seg.header), d / "seg_sa.nii.gz")
+    bad["9000010"] = "segmentation labels {7} outside the documented set"
 
     # the CSV: duplicated rows for one good subject, and a row for a subject without imaging
     rows = list(csv.reader(open(tiny_cohort / "ukb_tabular.csv")))
@@ -142,7 +154,7 @@ def test_bad_inputs_are_quarantined_and_counts_reconcile(tiny_cohort, tmp_path, 
     cfg = _cfg(src, tmp_path / "out", tab)
     report, _ = run(cfg, progress=False)
     c = report.counts
-    assert c["inputs"] == c["written"] + c["quarantined"] + c["skipped"] == 4 + 8
+    assert c["inputs"] == c["written"] + c["quarantined"] + c["skipped"] == 4 + 10
     m = report.manifest
     reasons = {q["key"]: q["reason"] for q in m["quarantined"]}
     for eid, why in bad.items():

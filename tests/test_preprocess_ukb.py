@@ -109,13 +109,13 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
 
     d = _copy_subject(tiny_cohort, tmp_path / "frames")
     la = nib.load(d / "la_3ch.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(la.dataobj)[..., :30], la.affine), d / "la_3ch.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(la.dataobj)[..., :30], la.affine, la.header), d / "la_3ch.nii.gz")
     with pytest.raises(InputError, match=r"la_3ch: 30 frames, expected 50"):
         preprocess(read_ukb_nifti_dir(d), CFG)
 
     d = _copy_subject(tiny_cohort, tmp_path / "flat")
     sa = nib.load(d / "sa.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros(sa.shape, np.int16), sa.affine), d / "sa.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(sa.shape, np.int16), sa.affine, sa.header), d / "sa.nii.gz")
     with pytest.raises(InputError, match=r"sa: empty"):
         preprocess(read_ukb_nifti_dir(d), CFG)
 
@@ -123,7 +123,9 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
     la = nib.load(d / "la_4ch.nii.gz")
     x = np.asarray(la.dataobj).astype(np.float32)
     x[3, 3, 0, 3] = np.nan
-    nib.save(nib.Nifti1Image(x, la.affine), d / "la_4ch.nii.gz")
+    header = la.header.copy()
+    header.set_data_dtype(np.float32)  # the NaN survives the save
+    nib.save(nib.Nifti1Image(x, la.affine, header), d / "la_4ch.nii.gz")
     with pytest.raises(InputError, match=r"la_4ch: non-finite"):
         preprocess(read_ukb_nifti_dir(d), CFG)
 
@@ -149,6 +151,42 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
     bad_zip.write_bytes(gzip.compress(b"not a zip"))
     with pytest.raises(InputError, match="1000000_20209_2_0.zip"):
         read_ukb_dicom_study(bad_zip, bad_zip)
+
+
+def test_absurd_geometry_is_refused_with_the_reason(tiny_cohort, tmp_path):
+    """Geometry is checked before anything is measured in millimetres (a 1e6 mm short-axis pixel used to convert
+    with blank long-axis planes and LVEDV = 2e19 mL)."""
+    from data_prep.preprocess_ukb import validate_geometry
+
+    study = read_ukb_nifti_dir(_subjects(tiny_cohort)[0])
+    validate_geometry(study)  # the clean subject passes
+
+    def with_affine(view: str, edit) -> "object":
+        A = np.array(study.affines[view], np.float64)
+        edit(A)
+        return dataclasses.replace(study, affines={**study.affines, view: A})
+
+    cases = [
+        (with_affine("sa", lambda A: A.__setitem__((slice(0, 3), 0), A[:3, 0] * 1e6)),
+         r"sa: pixel spacing 1\.8\d*e\+06 x 1\.8"),
+        (with_affine("la_2ch", lambda A: A.__setitem__((slice(0, 3), 1), 0.0)), r"la_2ch: affine is singular"),
+        (with_affine("sa", lambda A: A.__setitem__((0, 3), np.nan)), r"sa: affine is not a finite"),
+        (with_affine("sa", lambda A: A.__setitem__((slice(0, 3), 2), A[:3, 2] * 10)), r"sa: slice spacing 100 mm"),
+        (with_affine("la_4ch", lambda A: A.__setitem__((slice(0, 3), 3), A[:3, 3] + 400 * np.cross(A[:3, 0], A[:3, 1])
+                                                      / np.linalg.norm(np.cross(A[:3, 0], A[:3, 1])))),
+         r"la_4ch: the plane does not cross the short-axis stack \(its centre lies 4\d\d mm"),
+        (dataclasses.replace(study, frame_interval_ms=900.0), r"frame interval 900 ms outside"),
+    ]
+    for bad, pattern in cases:
+        with pytest.raises(InputError, match=rf"subject {study.eid} \(nifti\).*{pattern}"):
+            preprocess(bad, CFG)
+    # views whose frame intervals disagree come from different scans
+    d = _copy_subject(tiny_cohort, tmp_path)
+    la = nib.load(d / "la_2ch.nii.gz")
+    la.header["pixdim"][4] = 40.0
+    nib.save(la, d / "la_2ch.nii.gz")
+    with pytest.raises(InputError, match=r"frame intervals of the views disagree \(21.7785, 40, "):
+        read_ukb_nifti_dir(d)
 
 
 def test_degenerate_long_axis_falls_back_to_the_image_centre(tiny_cohort):

@@ -25,6 +25,18 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return img, data
 
 
+def frame_interval(dts: list[float], where: str) -> float:
+    """One frame interval (ms) for the study: the views' intervals (NaN: unknown) must agree within 10 % -- the
+    cine planes of one examination share the cardiac cycle; disagreeing ones are from different scans."""
+    known = np.asarray([d for d in dts if np.isfinite(d)], np.float64)
+    if known.size == 0:
+        return float("nan")
+    mid = float(np.median(known))
+    if known.min() < 0.9 * mid or known.max() > 1.1 * mid:
+        raise InputError(f"{where}: frame intervals of the views disagree ({', '.join(f'{d:g}' for d in dts)} ms)")
+    return mid
+
+
 def _check_link(path: Path) -> None:
     if path.is_symlink() and not path.exists():
         raise InputError(f"{path}: a symbolic link that does not resolve (dangling, or a loop)")
@@ -65,7 +77,7 @@ def read_ukb_nifti_dir(subject_dir: str | Path) -> CineStudy:
             if seg.shape != pixels[view].shape:
                 raise InputError(f"{path}: segmentation shape {seg.shape} != image shape {pixels[view].shape}")
             segs[view] = _check_labels(path, view, seg)
-    return CineStudy(d.name, pixels, affines, float(np.median(dts)), segs, source="nifti")
+    return CineStudy(d.name, pixels, affines, frame_interval(dts, str(d)), segs, source="nifti")
 
 
 def read_ukb_dicom_study(sa_zip: str | Path, la_zip: str | Path) -> CineStudy:
@@ -87,4 +99,4 @@ def read_ukb_dicom_study(sa_zip: str | Path, la_zip: str | Path) -> CineStudy:
     eid = Path(sa_zip).name.split("_")[0]
     dts = [vols[v].frame_interval_ms for v in CINE_VIEWS]
     return CineStudy(eid, {v: vols[v].pixels for v in CINE_VIEWS}, {v: vols[v].affine for v in CINE_VIEWS},
-                     float(np.nanmedian(dts)), {}, source="dicom", notes=notes)
+                     frame_interval(dts, f"{sa_zip} / {la_zip}"), {}, source="dicom", notes=notes)
