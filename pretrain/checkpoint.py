@@ -5,7 +5,8 @@ partitions) plus client state: step, samples seen, every rank's loader position 
 config. The resume pointer `<run>/checkpoints/latest` is ours, not DeepSpeed's: it is written (atomically, by
 rank 0) only after a barrier that every rank reaches once its files are complete, and the tag gets a
 `COMPLETE` marker at the same time — an interrupted save never becomes the resume point. The last `keep`
-complete checkpoints are kept.
+complete checkpoints are kept; an old tag is renamed before it is deleted, and `sweep` removes whatever an
+interrupted save or deletion left (at start-up and after every save). `RunLock`: one trainer per run directory.
 """
 
 from __future__ import annotations
@@ -68,6 +69,98 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     return utag
 
 
+class RunLock:
+    """One trainer per run directory: rank 0 holds an exclusive `flock` on `<run>/.lock` for its lifetime (the
+    kernel drops it when the process dies, SIGKILL included) and writes who holds it there. A second trainer on
+    the same directory -- the same command started twice, a job and its requeued copy overlapping -- stops at
+    once with one line naming the holder, instead of both writing the same checkpoint tags."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        """None when held, else a description of the holder."""
+        import fcntl
+        import os
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return holder
+        job = os.environ.get("SLURM_JOB_ID")
+        holder = (f"pid {os.getpid()} on {socket.gethostname()}" + (f", SLURM job {job}" if job else "")
+                  + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        self._fd = fd
+        return None
+
+
+def acquire_run_lock(run_dir: Path, device: torch.device) -> RunLock:
+    """Collective: rank 0 takes the run directory's lock; every rank exits (code 2) with one line if another
+    trainer holds it."""
+    lock = RunLock(run_dir)
+    holder = lock.acquire() if dist.get_rank() == 0 else None
+    flag = torch.tensor([1.0 if holder else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        if holder:
+            print(f"[pretrain] {run_dir}: another trainer is using this run directory ({holder}); stop it or "
+                  "choose another checkpoint.dir", flush=True)
+        raise SystemExit(2)
+    return lock
+
+
+def sweep(ckpt_dir: Path) -> list[str]:
+    """Rank 0: remove what an interrupted save or deletion leaves behind, never the tag `latest` names (nor its
+    universal conversion): tag folders without their COMPLETE marker (a save cut short), folders renamed for
+    deletion (`.<tag>.deleting`), half-converted universal copies (`.<tag>_universal.tmp`), universal copies of
+    removed tags, and temporary files (`.latest.*.tmp`). Returns the names removed."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    pointer = ckpt_dir / LATEST
+    keep = pointer.read_text().strip() if pointer.is_file() else None  # complete or not: never touched
+    protected = {LATEST, keep, f"{keep}_universal"} if keep else {LATEST}
+    removed = []
+    for p in sorted(ckpt_dir.iterdir()):
+        name = p.name
+        if name in protected:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if name.startswith("."):
+                debris = True
+            elif name.endswith("_universal"):
+                debris = not (ckpt_dir / name[: -len("_universal")] / COMPLETE).exists()
+            else:
+                debris = not (p / COMPLETE).exists()
+            if debris:
+                _delete_tree(p)
+                removed.append(name)
+        elif name.startswith(".") and name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def _delete_tree(p: Path) -> None:
+    """Rename first, then delete: a deletion cut short leaves a `.<name>.deleting` folder that `sweep` finishes,
+    never a half-deleted tag that still looks like one."""
+    if not p.name.startswith("."):
+        target = p.with_name(f".{p.name}.deleting")
+        shutil.rmtree(target, ignore_errors=True)
+        p.rename(target)
+        p = target
+    shutil.rmtree(p, ignore_errors=True)
+
+
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
     p = Path(ckpt_dir) / LATEST
     if not p.exists():
@@ -93,8 +186,8 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: 
         atomic_write_text(ckpt_dir / LATEST, tag)
         complete = sorted(p.parent.name for p in ckpt_dir.glob(f"*/{COMPLETE}"))
         for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+            _delete_tree(ckpt_dir / old)
+        sweep(ckpt_dir)  # and the universal copies of those, and anything an earlier save left behind
     dist.barrier()
     return tag
 

@@ -60,11 +60,35 @@ def detect() -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "none")
 
 
+def die_with_launcher() -> bool:
+    """Under torchrun (or the deepspeed launcher), make this rank die with its launcher: each rank runs in a Unix
+    session of its own, so a SIGKILL of the launcher's process group (the OOM killer, `kill -9`, a lost shell)
+    would otherwise leave the ranks training and writing checkpoints beside the next run. Linux only
+    (prctl PR_SET_PDEATHSIG); returns whether it is set. Not under srun (slurmstepd kills its tasks) or without a
+    launcher (a `nohup`-ed trainer must outlive its shell)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "CROSS_RANK" not in os.environ:  # torchrun / deepspeed
+        return False
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+        return False
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
+    return True
+
+
 def init_distributed(backend: str | None = None) -> DistEnv:
     """Export the standard variables and initialise torch.distributed through DeepSpeed."""
     import deepspeed
     import torch
 
+    die_with_launcher()
     d = detect()
     os.environ.update({"RANK": str(d.rank), "LOCAL_RANK": str(d.local_rank), "WORLD_SIZE": str(d.world_size),
                        "MASTER_ADDR": d.master_addr, "MASTER_PORT": str(d.master_port)})

@@ -230,8 +230,13 @@ def train(cfg: PretrainConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    lock = checkpoint.acquire_run_lock(run_dir, device)  # noqa: F841 (held until the process ends)
     if rank == 0:
+        removed = checkpoint.sweep(ckpt_dir)
+        if removed:
+            print(f"[pretrain] removed what an interrupted save left in {ckpt_dir}: {', '.join(removed)}", flush=True)
         save_resolved_config(cfg, run_dir, "config.yaml")
+    dist.barrier()
 
     # --- model, optimizer, schedule: identical initial weights on every rank ---
     from pretrain.data import read_manifest

@@ -105,8 +105,14 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     while not (latest.exists() and latest.read_text().strip() == "step00000006"):
         assert p.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # not a polite stop
+    import psutil
+
+    assert len(psutil.Process(p.pid).children()) == 2  # the ranks
+    ranks = psutil.Process(p.pid).children(recursive=True)  # and their loader workers
+    os.kill(p.pid, signal.SIGKILL)  # the launcher alone (the OOM killer, kill -9): each rank has its own session
     p.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, f"ranks outlived their launcher: {alive}"  # they die with it (PR_SET_PDEATHSIG)
     _run(killed, shards, *STEPS)
     a, b = _metrics(straight), _metrics(killed)
     assert sorted(a) == sorted(b)
@@ -117,6 +123,48 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     wa = consolidated_state_dict(straight / "checkpoints", "step00000024")
     wb = consolidated_state_dict(killed / "checkpoints", "step00000024")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_second_trainer_on_the_same_run_directory_stops_with_the_holder(shards, tmp_path):
+    run = tmp_path / "run"
+    first = _launch(run, shards, "train.epochs=500", "train.samples_per_epoch=16")  # still running when
+    try:
+        deadline = time.time() + 600
+        while not (run / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run ended early"
+            time.sleep(0.2)
+        second = _launch(run, shards, *STEPS)
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode != 0
+        lines = [x for x in out.splitlines() if "another trainer is using this run directory" in x]
+        assert len(lines) == 1 and f"{run}: another trainer" in lines[0] and "(pid " in lines[0], out[-3000:]
+        assert first.poll() is None  # the holder is undisturbed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_checkpoint_housekeeping_removes_debris_and_never_latest(tmp_path):
+    """What interrupted saves and deletions leave: swept at start-up and after every save."""
+    from pretrain.checkpoint import COMPLETE, sweep
+
+    ckpt = tmp_path / "checkpoints"
+    for tag in ("step00000004", "step00000006", "step00000008", "step00000004_universal", "step00000002_universal",
+                ".step00000002.deleting", ".step00000006_universal.tmp"):
+        (ckpt / tag).mkdir(parents=True)
+        (ckpt / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    for tag in ("step00000004", "step00000006"):
+        (ckpt / tag / COMPLETE).write_text("{}")
+    (ckpt / "latest").write_text("step00000006")
+    (ckpt / ".latest.123.abc.tmp").write_text("step00000008")
+    removed = sweep(ckpt)
+    assert sorted(removed) == [".latest.123.abc.tmp", ".step00000002.deleting", ".step00000006_universal.tmp",
+                               "step00000002_universal", "step00000008"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step00000004", "step00000004_universal",
+                                                      "step00000006"]
+    # the tag `latest` names is never touched, even without its marker (latest_tag refuses it, sweep keeps it)
+    (ckpt / "step00000006" / COMPLETE).unlink()
+    assert sweep(ckpt) == [] and (ckpt / "step00000006").exists()
 
 
 def test_interrupted_save_is_not_the_resume_point(shards, tmp_path):
