@@ -204,9 +204,10 @@ def _submit_pretrain(args) -> int:
                           f"world size = {pcfg.train.micro_batch} x {world} ({scfg.nodes} nodes x "
                           f"{scfg.ntasks_per_node} tasks)")
     run_dir = str(Path(pcfg.checkpoint.dir).absolute())
-    if not (Path(pcfg.data.dataset) / "manifest.json").exists():
-        print(f"[cluster] warning: data.dataset {pcfg.data.dataset} has no manifest.json (yet): the job will fail "
-              "unless a conversion writes it before the job starts", file=sys.stderr)
+    if not args.skip_checks:  # the dataset, the geometry and the paths, before anything is queued (not the GPU:
+        from pretrain.train import preflight  # this login node may have none)
+
+        preflight(pcfg, check_device=False)
     env = launch.env_for(scfg, "pretrain")
     if args.dry_run:
         return _dry_run(launch, scfg, "pretrain", folder, env, 0, run_dir)
@@ -278,6 +279,9 @@ def _add_submit_flags(p: argparse.ArgumentParser) -> None:
         kw = {"choices": ["auto", "slurm", "local", "debug"]} if key == "cluster" else {}
         g.add_argument(flag, dest=key, type=tp, help=help_, **kw)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="queue even if the dataset or the encoder does not exist yet (a job chained after a "
+                        "conversion that writes it)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and print every task's result")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S", help="give up waiting after S seconds")
 

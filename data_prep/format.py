@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -265,3 +266,41 @@ class StoreReader:
         t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
         image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
         return KSpaceSample(key=key, image=image, meta=self.meta(key))
+
+
+# --- the manifest, read before anything expensive starts -------------------------------------------------------
+DATASET_KINDS = ("ukb", "kspace")  # manifest["dataset"]: what `python -m data_prep ukb|kspace` wrote
+
+
+def read_dataset_manifest(dataset: str | Path, kinds: tuple[str, ...] = DATASET_KINDS,
+                          setting: str = "dataset") -> dict:
+    """A converted dataset's manifest, checked: one ConfigError line naming the setting, the path and the reason
+    (missing folder, no or unreadable manifest, another kind of dataset than `kinds`)."""
+    from data_prep.config import ConfigError
+
+    root = Path(dataset)
+    path = root / "manifest.json"
+    hint = "convert one first: python -m data_prep ukb|kspace --out DIR"
+    if not root.is_dir():
+        raise ConfigError(f"{setting}: {root} does not exist ({hint})")
+    if not path.is_file():
+        raise ConfigError(f"{setting}: {path}: no manifest, so {root} is not a converted dataset ({hint})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{setting}: {path}: unreadable manifest ({type(e).__name__}: {e})") from e
+    if not isinstance(manifest, dict) or "dataset" not in manifest or "shards" not in manifest:
+        raise ConfigError(f"{setting}: {path}: not a cmrfm dataset manifest (no 'dataset' and 'shards')")
+    if manifest["dataset"] not in kinds:
+        raise ConfigError(f"{setting}: {root} is a {manifest['dataset']!r} dataset; this needs "
+                          + " or ".join(repr(k) for k in kinds))
+    return manifest
+
+
+def dataset_image_size(manifest: dict) -> int | None:
+    """The stored image size of a converted dataset (UK Biobank: the crop; k-space: the resized square)."""
+    if manifest.get("dataset") == "ukb":
+        geometry = manifest.get("geometry") or manifest.get("config", {}).get("preprocess", {})
+        return geometry.get("crop")
+    size = manifest.get("config", {}).get("size")
+    return size if isinstance(size, int) else (size[0] if size else None)

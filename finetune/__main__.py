@@ -23,10 +23,17 @@ metaclip_modality_view) and a tiny one for tests and the demo.
 """
 
 
+def _preflight(*args, **kwargs):
+    from finetune.data import preflight  # torch: imported when a command runs, not for --help
+
+    return preflight(*args, **kwargs)
+
+
 def _train(args) -> int:
     from finetune.train import fit
 
     cfg = config_from_args(FinetuneConfig, args)
+    _preflight(cfg.data.dataset, cfg.task.name, [cfg.encoder])
     result = fit(cfg)
     print(f"[finetune] done: best epoch {result.get('best_epoch')}; {cfg.out}/metrics.json, {cfg.out}/report.md")
     return 0
@@ -37,6 +44,7 @@ def _compare(args) -> int:
 
     cfg = config_from_args(FinetuneConfig, args)
     methods = dict(m.split("=", 1) for m in args.method)
+    _preflight(cfg.data.dataset, cfg.task.name, list(methods.values()))
     baselines = [b for b in args.baselines.split(",") if b]
     fractions = tuple(float(f) for f in args.train_fractions.split(",") if f)
     path = compare(cfg, methods, baselines, fractions)
@@ -49,6 +57,7 @@ def _probe(args) -> int:
 
     cfg = config_from_args(FinetuneConfig, args)
     methods = {n: (None if e == RANDOM else e) for n, e in (m.split("=", 1) for m in args.method)}
+    _preflight(cfg.data.dataset, "phenotypes", list(methods.values()))
     result = probe(cfg, methods)
     for name, r in result["methods"].items():
         print(f"[finetune] probe {name}: average test MAE / mean-guess {r['mae_ratio']:.3f}")
@@ -59,6 +68,7 @@ def _probe(args) -> int:
 def _embed(args) -> int:
     from finetune.embed import embed
 
+    _preflight(args.dataset, "phenotypes", [args.encoder], setting="--dataset")
     path = embed(args.encoder, args.dataset, args.out, split=args.split, batch_size=args.batch_size)
     print(f"[finetune] embeddings: {path}")
     return 0

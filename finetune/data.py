@@ -34,6 +34,23 @@ AUGMENT = DataConfig(rotation_deg=10.0, flip=True, contrast=0.1)  # ViTa Sec. 4.
 _TAG_FRAMES = 0x5EED_0010
 
 
+TASK_DATASET = {"phenotypes": "ukb", "diseases": "ukb", "segmentation": "ukb", "modality_view": "kspace"}
+
+
+def preflight(dataset: str | Path, task: str, encoders: Sequence[Optional[str | Path]] = (),
+              setting: str = "data.dataset") -> dict:
+    """Before any model is built: the dataset is a converted one of the kind the task needs, and every encoder
+    path (an export or a pretraining run directory) exists; a ConfigError line each. Returns the manifest."""
+    from data_prep.config import ConfigError
+    from data_prep.format import read_dataset_manifest
+
+    manifest = read_dataset_manifest(dataset, (TASK_DATASET[task],), setting)
+    for enc in encoders:
+        if enc is not None and not Path(enc).exists():
+            raise ConfigError(f"encoder: {enc} does not exist (an encoder export or a pretraining run directory)")
+    return manifest
+
+
 def target_names(manifest: dict) -> list[str]:
     """Every regressable name: the PHENOTYPES, then the tabular features of the manifest."""
     return list(PHENOTYPES) + [f["name"] for f in (manifest.get("tabular") or {}).get("features", [])]

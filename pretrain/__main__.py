@@ -28,7 +28,10 @@ EXIT_STOPPED = 75
 def _train(args) -> int:
     from pretrain.train import train
 
-    result = train(config_from_args(PretrainConfig, args))
+    cfg = config_from_args(PretrainConfig, args)
+    if args.allow_cpu:
+        cfg.train.device = "auto"
+    result = train(cfg)
     if result["stopped"]:
         return EXIT_STOPPED
     return 0 if result["step"] > 0 else 1
@@ -45,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("python -m pretrain", __doc__, EPILOG)
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment is what we use
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    t = sub.add_parser("train", help="train (Stage I MAE); resumes from the latest complete checkpoint",
+    t = sub.add_parser("train", help="train a stage (config `stage`: mae = ViTa Stage I, tabular_clip = Stage II, "
+                                     "metaclip = MetaCLIP-CMR); resumes from the latest complete checkpoint",
                        description="Train with DeepSpeed ZeRO. Launch with torchrun, the deepspeed launcher, srun, "
-                                   "or as one process.")
+                                   "or as one process. The dataset, the geometry and the paths are checked first.")
     add_config_arguments(t, "configs/pretrain/vita_stage1_tiny.yaml")
+    t.add_argument("--allow-cpu", action="store_true",
+                   help="run a GPU config (train.device: cuda) on a machine without a GPU")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write encoder.safetensors + encoder_config.yaml from a run's checkpoint")
     e.add_argument("--run", required=True, help="the run directory (checkpoint.dir)")

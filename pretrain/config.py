@@ -130,6 +130,9 @@ class TrainConfig:
     global_batch: int = 2
     micro_batch: int = 2
     precision: Literal["bf16", "fp32"] = "bf16"
+    # "cuda": a GPU config, refused before anything starts on a machine without one (`--allow-cpu` overrides);
+    # "auto": the GPU when there is one; "cpu"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 2
     activation_checkpointing: bool = False
     seed: int = 0

@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_prep.config import dump_config, save_resolved_config
+from data_prep.config import ConfigError, dump_config, save_resolved_config
+from data_prep.format import dataset_image_size, read_dataset_manifest
 from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
@@ -219,16 +220,40 @@ class StopSignal:
         return bool(flag.item())
 
 
+STAGE_DATASET = {"mae": "ukb", "tabular_clip": "ukb", "metaclip": "kspace"}  # what each stage trains on
+
+
+def preflight(cfg: PretrainConfig, check_device: bool = True) -> dict:
+    """Checks that need no GPU, Ray or DeepSpeed, run before any of them starts (and by `cluster submit` before
+    anything is queued, `check_device` off there); a ConfigError line each. Returns the dataset's manifest."""
+    manifest = read_dataset_manifest(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
+    size = dataset_image_size(manifest)
+    if size is not None and size != cfg.model.img_size:
+        raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds {size}-pixel images")
+    stored = (manifest.get("geometry") or {}).get("sa_planes")
+    if manifest["dataset"] == "ukb" and stored is not None and stored != cfg.model.sa_planes:
+        raise ConfigError(f"model.sa_planes is {cfg.model.sa_planes} but {cfg.data.dataset} holds {stored} "
+                          "short-axis planes per subject")
+    if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).exists():
+        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} does not exist")
+    if check_device and cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda (a GPU config) but this machine has no CUDA GPU; add --allow-cpu "
+                          "(or train.device=cpu) to train on the CPU")
+    return manifest
+
+
 def train(cfg: PretrainConfig) -> dict:
     import deepspeed
 
     from pretrain.data import build_loader
 
+    manifest = preflight(cfg)
     env = init_distributed()
     rank, world = env.rank, env.world_size
     run_dir = Path(cfg.checkpoint.dir)
     ckpt_dir = run_dir / "checkpoints"
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     lock = checkpoint.acquire_run_lock(run_dir, device)  # noqa: F841 (held until the process ends)
     if rank == 0:
@@ -239,9 +264,6 @@ def train(cfg: PretrainConfig) -> dict:
     dist.barrier()
 
     # --- model, optimizer, schedule: identical initial weights on every rank ---
-    from pretrain.data import read_manifest
-
-    manifest = read_manifest(cfg.data.dataset)
     corpus = text_corpus(cfg.data.dataset, run_dir) if cfg.stage == "metaclip" else None
     if corpus is not None and rank == 0:
         atomic_write_text(run_dir / "text_corpus.json", json.dumps(corpus, indent=0))

@@ -177,10 +177,15 @@ def test_sbatch_script(tmp_path):
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     jobs = tmp_path / "jobs"
-    out = _ok(_cli("submit", "pretrain", "--config", TINY, "--dry-run", "--cluster", "slurm", "--nodes", "2",
-                   "--gpus-per-node", "4", "--partition", "gpu", "--time", "2:00", "--account", "acc", "--qos", "q",
-                   "--constraint", "a100", "--folder", jobs, f"checkpoint.dir={tmp_path / 'run'}",
-                   "train.global_batch=16", "slurm.env={NCCL_DEBUG: WARN}"))
+    args = ("submit", "pretrain", "--config", TINY, "--dry-run", "--cluster", "slurm", "--nodes", "2",
+            "--gpus-per-node", "4", "--partition", "gpu", "--time", "2:00", "--account", "acc", "--qos", "q",
+            "--constraint", "a100", "--folder", jobs, f"checkpoint.dir={tmp_path / 'run'}",
+            "train.global_batch=16", "slurm.env={NCCL_DEBUG: WARN}", f"data.dataset={tmp_path / 'nodata'}")
+    res = _cli(*args)  # checked before anything is queued: the dataset does not exist
+    assert res.returncode == 2 and res.stderr.strip() == (f"config error: data.dataset: {tmp_path / 'nodata'} does "
+                                                          "not exist (convert one first: python -m data_prep "
+                                                          "ukb|kspace --out DIR)"), res.stderr
+    out = _ok(_cli(*args, "--skip-checks"))  # a job chained after the conversion that writes it
     assert out.startswith("#!/bin/bash")
     for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@120", "--partition=gpu",
                  "--account=acc", "--qos=q", "--constraint=a100", "--time=120", "#SBATCH --requeue",
