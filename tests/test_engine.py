@@ -35,6 +35,8 @@ class ToyDataset:
     def process(self, item: WorkItem) -> ToySample:
         if "bad" in item.key:
             raise ValueError(f"{item.paths[0]}: unreadable")
+        if "nan" in item.key:
+            int(float("nan"))  # a library error that does not name the file ("cannot convert float NaN ...")
         if "crash" in item.key:
             os._exit(1)  # what an out-of-memory kill looks like to Ray: the worker process is gone
         return ToySample(item.key, _value(item.key), {"n": len(item.key)})
@@ -61,16 +63,17 @@ def _hashes(out: Path) -> dict[str, str]:
 
 
 def test_convert_quarantine_crash_and_reconcile(tmp_path):
-    keys = [f"{1000000 + i}" for i in range(9)] + ["1000100bad", "1000200crash"]
+    keys = [f"{1000000 + i}" for i in range(9)] + ["1000100bad", "1000200crash", "1000300nan"]
     cfg = JobConfig(out=tmp_path / "out", block_size=3, workers=2, max_retries=1)
     rep = run_job(ToyDataset(), _items(keys, tmp_path), cfg, cfg, progress=False)
     c = rep.counts
-    assert c == {"inputs": 11, "written": 9, "quarantined": 2, "skipped": 0}
+    assert c == {"inputs": 12, "written": 9, "quarantined": 3, "skipped": 0}
     m = json.loads((cfg.out / "manifest.json").read_text())
     reasons = {q["key"]: q["reason"] for q in m["quarantined"]}
-    assert "unreadable" in reasons["1000100bad"] and "1000100bad.src" in json.dumps(m["quarantined"])
+    assert reasons["1000100bad"] == f"ValueError: {tmp_path / '1000100bad.src'}: unreadable"  # names it already
+    assert reasons["1000300nan"] == f"{tmp_path / '1000300nan.src'}: ValueError: cannot convert float NaN to integer"
     assert "worker crashed" in reasons["1000200crash"]
-    assert len((cfg.out / "quarantine.jsonl").read_text().splitlines()) == 2
+    assert len((cfg.out / "quarantine.jsonl").read_text().splitlines()) == 3
     # every shard listed with its true checksum; each holds one split; samples equal what process() made
     seen = {}
     for s in m["shards"]:

@@ -330,6 +330,37 @@ def test_error_corrupted_dicom_header(cohort: dict, tmp_path: Path, how: str) ->
     assert f"hdr_{how}_20209_2_0.zip" in str(e.value) and victim in str(e.value)
 
 
+def _rewrite(raw: bytes, edit) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    edit(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_pixel_data_with_trailing_padding_reads_with_a_note(cohort: dict, tmp_path: Path) -> None:
+    """Some writers pad PixelData beyond Rows x Columns (pydicom reads it): a note, the same pixels."""
+    members = _members(cohort["la_zip"])
+    victims = sorted(n for n in members if n.endswith(".dcm"))[:3]
+    for n in victims:
+        members[n] = _rewrite(members[n], lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\0" * 128))
+    padded = _rezip(cohort["la_zip"], tmp_path / "pad_20208_2_0.zip", members)
+    with pytest.warns(DicomZipWarning, match="128 bytes of trailing padding"):
+        vols = read_ukb_dicom_zip(padded)
+    for key, (px, _) in cohort["la"].items():
+        np.testing.assert_array_equal(vols[key].pixels[:, :, 0, :], px.astype(np.int16))
+
+
+def test_only_derived_frames_says_so(cohort: dict, tmp_path: Path) -> None:
+    members = _members(cohort["la_zip"])
+    for n in [n for n in members if n.endswith(".dcm")]:
+        members[n] = _rewrite(members[n], lambda ds: setattr(ds, "ImageType", ["DERIVED", "PRIMARY", "M", "ND"]))
+    bad = _rezip(cohort["la_zip"], tmp_path / "derived_20208_2_0.zip", members)
+    with pytest.raises(DicomZipError, match=r"derived_20208_2_0.zip.*no cine series.*\d+ frame\(s\) skipped as "
+                                            r"DERIVED"):
+        read_ukb_dicom_zip(bad)
+
+
 def test_error_no_dicom(tmp_path: Path) -> None:
     bad = tmp_path / "empty_20209_2_0.zip"
     with zipfile.ZipFile(bad, "w") as zf:

@@ -138,6 +138,15 @@ def mean_input_bytes(items: list[WorkItem]) -> float:
     return total / max(len(items), 1)
 
 
+def failure_reason(item: WorkItem, e: BaseException) -> str:
+    """Why an input failed, always naming its file: a reader's own errors already do; anything else (numpy's
+    "Singular matrix", "cannot convert float NaN to integer") gets the input's files put in front."""
+    text = f"{type(e).__name__}: {e}"
+    if any(os.fspath(p) in str(e) for p in item.paths) or not item.paths:
+        return text
+    return f"{', '.join(os.fspath(p) for p in item.paths)}: {text}"
+
+
 def _quarantine_record(item: WorkItem, reason: str) -> dict:
     return {"key": item.key, "files": item.paths, "reason": reason, "fingerprint": fingerprint(item.paths)}
 
@@ -181,7 +190,7 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int) -> Bloc
                 try:
                     sample = dataset.process(item)
                 except Exception as e:  # a bad input must never take the job down
-                    quarantined.append(_quarantine_record(item, f"{type(e).__name__}: {e}"))
+                    quarantined.append(_quarantine_record(item, failure_reason(item, e)))
                     continue
                 tar.write(sample.to_wds())
                 values = dataset.rows(sample) if hasattr(dataset, "rows") else {n: getattr(sample, n) for n in specs}
@@ -229,7 +238,7 @@ def probe_item(dataset: Dataset, item: WorkItem) -> Optional[str]:
         dataset.process(item)
         return None
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
+        return failure_reason(item, e)
 
 
 

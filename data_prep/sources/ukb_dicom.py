@@ -293,13 +293,15 @@ class _Reader:
                 bits = int(ds.BitsAllocated)
                 expected = int(ds.Rows) * int(ds.Columns) * spp * bits // 8
                 got = len(ds.PixelData)
-                if got not in (expected, expected + 1):  # + 1: even-length padding
+                if got < expected:
                     raise DicomHeaderError(
                         self.name,
                         f"PixelData holds {got} bytes, Rows x Columns x BitsAllocated says {expected} "
-                        "(truncated or corrupted header)",
+                        "(truncated pixel data or corrupted header)",
                         f.member,
                     )
+                if got > expected + 1:  # + 1 is the even-length pad; some writers pad further: read, noted
+                    self.warn(f"PixelData holds {got - expected} bytes of trailing padding (ignored)", f.member)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 arr = ds.pixel_array
@@ -622,9 +624,11 @@ def read_ukb_dicom_zip(
     # ------------------------------------------------------------------------------ group by series
     groups: dict[str, dict[str, list[_Frame]]] = {}
     ignored: set[str] = set()
+    derived: dict[str, int] = {}
     for f in frames:
         if f.derived or _is_derived_description(f.description):
             log.debug("%s: skipping derived series %r (%s)", label, f.description, f.member)
+            derived[f.description] = derived.get(f.description, 0) + 1
         elif volume_key(f.description) is None:
             ignored.add(f.description)
         else:
@@ -632,8 +636,11 @@ def read_ukb_dicom_zip(
     if ignored:
         r.warn(f"series not converted (not a SAX_b*/LAX_*Ch cine): {sorted(ignored)}")
     if not groups:
+        skipped = (f"; {sum(derived.values())} frame(s) skipped as DERIVED (ImageType or an inline-analysis "
+                   f"series): {sorted(derived)}") if derived else ""
         raise DicomZipError(
             label, f"no cine series (SAX_b*/LAX_*Ch) found; series present: {sorted({f.description for f in frames})}"
+            + skipped
         )
 
     by_key: dict[str, list[dict[str, Any]]] = {}
