@@ -83,6 +83,27 @@ def export_distributed_env(port: int = 0) -> dict[str, str]:
     return out
 
 
+def record_external_requeues(job_folder: Path, job_id: str, restarts: int, run_dir: Optional[Path]) -> int:
+    """Rank 0 at the start of a run: SLURM counts every restart (SLURM_RESTART_COUNT) and the job logs the
+    requeues it asked for; the difference was requeued from outside (`scontrol requeue`, preemption, a node
+    failure). Each is recorded in requeues.jsonl with the checkpoint the run resumes from. Returns how many."""
+    log = Path(job_folder) / REQUEUES
+    lines = log.read_text().splitlines() if log.exists() else []
+    known = sum(1 for line in lines if line.strip() and json.loads(line).get("job_id") == job_id)
+    missing = max(0, restarts - known)
+    pointer = Path(run_dir) / "checkpoints" / "latest" if run_dir else None
+    tag = pointer.read_text().strip() if pointer is not None and pointer.is_file() else None
+    step = int(tag[4:]) if tag and tag[4:].isdigit() else None
+    with open(log, "a") as f:
+        for k in range(missing):
+            f.write(json.dumps({"job_id": job_id, "time": time.time(), "kind": "pretrain",
+                                "restart": known + k, "step": step, "external": True,
+                                "signal": "external (scontrol requeue, preemption or node failure)"}) + "\n")
+    if missing:
+        _log(f"job {job_id} was requeued from outside {missing}x; resuming from {tag or 'the start'}")
+    return missing
+
+
 def _requeue_self(job_folder: Path, record: dict) -> None:
     """Rank 0: put the job back in the queue (it restarts from the top, same job id)."""
     env = _job_env()
@@ -115,8 +136,11 @@ def should_requeue(stopped: str) -> tuple[bool, str]:
             state = (re.findall(r"JobState=(\S+)", res.stdout) or [""])[0]
         except (OSError, subprocess.TimeoutExpired):
             state = ""
+        if state.startswith("REQUEUE"):
+            return False, f"SLURM is requeueing it already ({state}: an external requeue or a preemption)"
         if state and state != "RUNNING":
-            return False, f"the job is {state} (cancelled, or at its time limit)"
+            return False, (f"the job is {state}: cancelled or at its time limit, or requeued from outside (then "
+                           "the next run records it in requeues.jsonl)")
         return True, ""
     if stopped == f"SIG{submitit.JobEnvironment.USR_SIG}":
         return True, ""
@@ -150,6 +174,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         job = _job_env()
         dist_env = export_distributed_env(self.port)
         restarts = restart_count(Path(self.job_folder), job.job_id)
+        if job.global_rank == 0 and _job_env().cluster == "slurm":
+            record_external_requeues(Path(self.job_folder), job.job_id, restarts, Path(self.cfg.checkpoint.dir))
         _log(f"pretrain task {job.global_rank}/{job.num_tasks} of job {job.job_id} on {job.hostname} "
              f"(run {restarts + 1}, rendezvous {dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']})")
         from pretrain.train import train

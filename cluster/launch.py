@@ -10,7 +10,8 @@ A job folder `<root>/<kind>/<name>/` holds
     <id>_<task>_log.out|err  per-task (= per-rank) stdout / stderr, appended across requeues
     <id>_<task>_result.pkl   what each task returned (("success", value) or ("error", traceback)), from its last run
     run_dir.txt              the run directory (pretrain: checkpoint.dir, finetune: out, data prep: job.out)
-    requeues.jsonl           one line per requeue the job asked for (time, run, step, signal)
+    requeues.jsonl           one line per requeue: asked for by the job (time, run, step, signal) or from outside
+                             (scontrol requeue, preemption: recorded by the next run, "external": true)
 """
 
 from __future__ import annotations
