@@ -39,6 +39,11 @@ class ConfigError(ValueError):
     """Invalid configuration (file, override or value); the message says where and why."""
 
 
+class InputFileError(ValueError):
+    """An input file a command cannot use as a whole (a tabular CSV, a manifest); the message names the file and
+    the cause. The CLIs print it as one line and exit 2; per-subject inputs are quarantined instead."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys (plain YAML silently keeps the last one)."""
 
@@ -339,6 +344,6 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> i
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, InputFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -56,7 +56,7 @@ import yaml
 
 from data_prep.format import normalise_tabular
 from data_prep import ukb_fields as U
-from data_prep.config import ConfigError, _UniqueKeyLoader
+from data_prep.config import ConfigError, InputFileError, _UniqueKeyLoader
 
 KINDS = ("numerical", "binary", "categorical")
 REDUCES = ("value", "mean", "any_code", "count_codes")
@@ -670,13 +670,15 @@ def read_ukb_csv(path: str | Path, spec: TabularSpec | None = None, *,
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None)
     except OSError as e:
-        raise ValueError(f"cannot read UK Biobank CSV {path}: {e}") from e
+        raise InputFileError(f"{path}: cannot read the UK Biobank CSV ({e.strerror or e})") from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputFileError(f"{path}: not a UTF-8 text CSV ({type(e).__name__}: {e})") from e
     if not header:
-        raise ValueError(f"{path}: empty file (no header)")
+        raise InputFileError(f"{path}: empty file (no header)")
     header = [h.strip() for h in header]
     report.n_columns = len(header)
     if "eid" not in header:
-        raise ValueError(f"{path}: no 'eid' column in the header")
+        raise InputFileError(f"{path}: no 'eid' column in the header (first columns: {header[:5]})")
     wanted = _wanted_pairs(spec)
 
     first: dict[str, int] = {}  # header -> position of its first copy
@@ -740,7 +742,7 @@ def read_ukb_csv(path: str | Path, spec: TabularSpec | None = None, *,
                                 val[disagree] = None if val.dtype == object else np.nan
                     parts[c].append(val)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot parse the CSV: {e}") from e
+        raise InputFileError(f"{path}: cannot parse the CSV: {e}") from e
     report.n_rows = n_rows
     report.bad_cells = {c: bad_counts[c] for c in keep if c in bad_counts}
     report.conflicting_cells = {c: conflicts[c] for c in ["eid", *keep] if c in conflicts}

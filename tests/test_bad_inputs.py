@@ -359,3 +359,27 @@ def test_kspace_good_files_beside_bad_ones_are_byte_identical(kspace_corpus):
     one = {k: json.loads(v["meta.json"]) for k, v in a.items() if "/P80" in json.loads(v["meta.json"])["sequence_key"]}
     assert len(one) == 2 and all(m["kspace_shape"][:2] == [1, 1] and len(m["stored_shape"]) == 3
                                  for m in one.values())
+
+
+# ------------------------------------------------------------------------------------------------ whole-file inputs
+@pytest.mark.parametrize("kind,content,reason", [
+    ("no_eid_column", b"foo,bar\n1,2\n", "no 'eid' column in the header"),
+    ("binary", b"\x00\x01\x02garbage\xff\xfe", "not a UTF-8 text CSV"),
+    ("unterminated_quote", b'eid,31-0.0\n1,2\n"unterminated\n', "cannot parse the CSV"),
+    ("empty", b"", "empty file (no header)"),
+    ("missing", None, "cannot read the UK Biobank CSV (No such file or directory)"),
+])
+def test_a_bad_tabular_csv_is_one_line_with_the_file(tiny_cohort, tmp_path, kind, content, reason):
+    """The CSV is one input for the whole cohort: the command stops before Ray starts, with one line, exit 2."""
+    import subprocess
+    import sys
+
+    csv_path = tmp_path / f"{kind}.csv"
+    if content is not None:
+        csv_path.write_bytes(content)
+    res = subprocess.run([sys.executable, "-m", "data_prep", "ukb", "--config", "configs/data_prep/ukb_demo.yaml",
+                          "--src", str(tiny_cohort / "ukb"), "--tabular", str(csv_path), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {csv_path}: {res.stderr.split(': ', 2)[2].strip()}"
+    assert len(res.stderr.strip().splitlines()) == 1 and reason in res.stderr, res.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
