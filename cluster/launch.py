@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from cluster.config import SlurmConfig
+from data_prep.config import ConfigError
 
 KINDS = ("pretrain", "finetune", "data_prep")
 JOB_JSON = "job.json"
@@ -392,13 +393,25 @@ def submit(cfg: SlurmConfig, kind: str, folder: Path, fns: Sequence[Callable], j
     name = executor_name(cfg)
     setup = setup_lines(cfg, env)
     ex = make_executor(cfg, folder, job_name, setup)
-    with submitit.helpers.clean_env():  # a job submitted from inside an allocation must not inherit its SLURM_*
-        if name == "local":
-            jobs = _submit_local(ex, folder, fns)
-        elif len(fns) == 1:
-            jobs = [ex.submit(fns[0])]
-        else:
-            jobs = ex.submit_array(list(fns))
+    import contextlib
+    import io
+
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    said = io.StringIO()  # submitit prints sbatch's stderr itself on a refusal: the one line below says it
+    try:
+        with submitit.helpers.clean_env(), contextlib.redirect_stderr(said):  # (a job submitted from inside an
+            if name == "local":  # allocation must not inherit its SLURM_*)
+                jobs = _submit_local(ex, folder, fns)
+            elif len(fns) == 1:
+                jobs = [ex.submit(fns[0])]
+            else:
+                jobs = ex.submit_array(list(fns))
+    except (FailedJobError, FailedSubmissionError) as e:  # sbatch said no: its reason, on one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        raise ConfigError(f"sbatch refused the job: {reason.removeprefix('sbatch: error: ')}") from None
+    sys.stderr.write(said.getvalue())
     if name == "debug":
         job_id = str(jobs[0].job_id)
     else:

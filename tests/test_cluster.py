@@ -212,6 +212,16 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     assert res.returncode == 2 and "Did you mean 'optim.lr'" in res.stderr
 
 
+@pytest.mark.slurm
+def test_an_sbatch_refusal_is_one_line_with_slurms_reason(tmp_path):
+    _need_slurm()
+    res = _cli("submit", "pretrain", "--config", TINY, *CPU_JOB, "--partition", "nosuch", "--folder",
+               tmp_path / "jobs", "--skip-checks", f"checkpoint.dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and res.stderr.strip() == ("config error: sbatch refused the job: Batch job "
+                                                          "submission failed: Invalid partition name specified"), \
+        res.stderr
+
+
 # ------------------------------------------------------------------------------------- data prep (Ray on a job)
 @pytest.fixture(scope="module")
 def ukb_job(tiny_cohort, tmp_path_factory):
