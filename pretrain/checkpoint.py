@@ -12,8 +12,10 @@ interrupted save or deletion left (at start-up and after every save). `RunLock`:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -180,6 +182,8 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: 
               # lets ds_to_universal convert this checkpoint for a resume on another number of ranks
               UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    if os.environ.get("CMRFM_KILL_IN_SAVE") == tag:  # fault injection (tests): every rank dies mid-save
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"step": step, "world_size": dist.get_world_size()}))

@@ -38,14 +38,14 @@ def _env() -> dict:
 
 
 def _launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2,
-            launcher: str = "torchrun") -> subprocess.Popen:
+            launcher: str = "torchrun", env: dict | None = None) -> subprocess.Popen:
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     else:  # the deepspeed launcher (it passes --local_rank=N)
         cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", "--master_port=29577", "--module"]
     cmd += ["pretrain", "train", "--config", str(TINY), f"checkpoint.dir={run_dir}", f"data.dataset={shards}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _run(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout: int = 600,
@@ -123,6 +123,21 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     wa = consolidated_state_dict(straight / "checkpoints", "step00000024")
     wb = consolidated_state_dict(killed / "checkpoints", "step00000024")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # every rank killed inside a save (its shards written, no COMPLETE, the pointer unmoved): the next start
+    # sweeps the partial tag and resumes from the one before, to the same result
+    in_save = tmp_path / "in_save"
+    p = _launch(in_save, shards, *STEPS, env={"CMRFM_KILL_IN_SAVE": "step00000012"})
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and (in_save / "checkpoints" / "latest").read_text() == "step00000006", out[-3000:]
+    assert (in_save / "checkpoints" / "step00000012").exists()  # the partial tag the kill left
+    out = _run(in_save, shards, *STEPS)
+    assert "removed what an interrupted save left" in out and "step00000012" in out
+    assert "resumed from step00000006 at step 6" in out
+    c = _metrics(in_save)
+    assert sorted(c) == sorted(a) and all(a[s]["loss"] == c[s]["loss"] for s in a)
+    wc = consolidated_state_dict(in_save / "checkpoints", "step00000024")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
 def test_a_second_trainer_on_the_same_run_directory_stops_with_the_holder(shards, tmp_path):
