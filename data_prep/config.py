@@ -306,8 +306,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     parser.add_argument("--config", type=Path, default=default_config, metavar="PATH",
                         help="YAML config file" + (f" (default: {default_config})" if default_config else ""))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config values, e.g. optim.lr=3e-4 model.depths=[2,2,6] "
-                             "run.out_dir=null (values parsed as YAML; applied after --config)")
+                        help="override config values, e.g. optim.lr=3e-4 (the `config` command prints every key; "
+                             "values parsed as YAML, lists as [2,2,6], null for none; applied after --config)")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
