@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config import SlurmConfig
+from cluster.config import SlurmConfig, format_minutes
 from data_prep.config import (ConfigError, add_config_arguments, add_show_config_command, cli_parser,
                               load_config, run_cli, save_resolved_config)
 
 EPILOG = """examples:
   python -m cluster submit pretrain --config configs/pretrain/vita_stage1.yaml --nodes 8 --gpus-per-node 8 \\
-      --partition gpu --time 48:00 checkpoint.dir=runs/vita_stage1 data.dataset=data/ukb
+      --partition gpu --time 2-00 checkpoint.dir=runs/vita_stage1 data.dataset=data/ukb
   python -m cluster submit pretrain --config configs/pretrain/vita_stage1_tiny.yaml --slurm-config \\
       configs/cluster/local_cpu.yaml --gpus-per-node 0 --tasks-per-node 2 --dry-run     # print the sbatch script
   python -m cluster submit pretrain --cluster local --gpus-per-node 0 --tasks-per-node 2 --wait ...   # laptop
@@ -44,7 +44,8 @@ FLAGS = [
     ("--cpus-per-task", "cpus_per_task", int, "CPUs per task (data prep: the Ray node's CPUs)"),
     ("--mem-gb", "mem_gb", int, "memory per node in GB (0: SLURM's default)"),
     ("--partition", "partition", str, "partition"),
-    ("--time", "time", str, "time limit: H:MM (hours:minutes), H:MM:SS, D-HH:MM:SS or minutes"),
+    ("--time", "time", str, "time limit as sbatch reads it: MINUTES, MINUTES:SECONDS, H:MM:SS or D-HH[:MM[:SS]] "
+                            "(48 h: 48:00:00 or 2-00; 30:00 is 30 minutes)"),
     ("--account", "account", str, "account"),
     ("--qos", "qos", str, "quality of service"),
     ("--constraint", "constraint", str, "node features (e.g. h100)"),
@@ -168,10 +169,11 @@ def _write_folder(folder: Path, scfg: SlurmConfig, job_cfg, run_dir: str) -> Non
     (folder / "run_dir.txt").write_text(run_dir + "\n")
 
 
-def _finish(args, launch, rec) -> int:
+def _finish(args, launch, rec, scfg: SlurmConfig) -> int:
     n = len(rec.element_ids)
     print(f"submitted {rec.kind} job {rec.job_id} ({rec.executor}"
-          + (f", {n} array tasks" if rec.array else f", {rec.tasks} task(s)") + ")")
+          + (f", {n} array tasks" if rec.array else f", {rec.tasks} task(s)")
+          + f", time limit {format_minutes(scfg.time_min)})")
     print(f"  job folder {rec.folder}")
     print(f"  run dir    {rec.run_dir}")
     if not args.wait or rec.executor == "debug":
@@ -215,7 +217,7 @@ def _submit_pretrain(args) -> int:
     fn = PretrainJob(pcfg, str(folder), scfg.max_requeues, cpu=scfg.gpus_per_node == 0, env=env,
                      port=scfg.master_port)
     rec = launch.submit(scfg, "pretrain", folder, [fn], scfg.name or "cmrfm-pretrain", env, run_dir)
-    return _finish(args, launch, rec)
+    return _finish(args, launch, rec, scfg)
 
 
 def _submit_finetune(args) -> int:
@@ -244,7 +246,7 @@ def _submit_finetune(args) -> int:
         fns.append(FinetuneJob(str(path), env=env))
     rec = launch.submit(scfg, "finetune", folder, fns, scfg.name or "cmrfm-finetune", env, run_dir,
                         run_dirs if args.sweep else ())
-    return _finish(args, launch, rec)
+    return _finish(args, launch, rec, scfg)
 
 
 def _submit_data_prep(args) -> int:
@@ -268,7 +270,7 @@ def _submit_data_prep(args) -> int:
     fn = DataPrepJob(args.dataset, str(folder / "config.yaml"), str(folder), cpus=scfg.cpus_per_task,
                      ray_port=scfg.ray_port, env=env)
     rec = launch.submit(scfg, "data_prep", folder, [fn], scfg.name or f"cmrfm-data-{args.dataset}", env, run_dir)
-    return _finish(args, launch, rec)
+    return _finish(args, launch, rec, scfg)
 
 
 def _add_submit_flags(p: argparse.ArgumentParser) -> None:

@@ -18,19 +18,20 @@ _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?
 
 
 def time_minutes(text: str) -> int:
-    """The time limit in whole minutes (rounded up), from this project's notation:
+    """The time limit in whole minutes (rounded up), read exactly as sbatch reads `--time`:
 
-    "90" = 90 min; "1:30" = 1 h 30 min (H:MM, NOT SLURM's minutes:seconds); "1:30:00" = H:MM:SS;
-    "2-12" = 2 days 12 h; "2-12:30" / "2-12:30:00" = D-HH:MM[:SS]."""
+    "90" = 90 min; "30:00" = 30 min (MINUTES:SECONDS); "1:30:00" = 1 h 30 min (H:MM:SS); "2-12" = 2 days 12 h;
+    "2-12:30" / "2-12:30:00" = D-HH:MM[:SS]."""
     m = _TIME.match(str(text).strip())
     if not m:
-        raise ValueError(f"time {text!r}: expected MINUTES, H:MM, H:MM:SS or D-HH[:MM[:SS]]")
+        raise ValueError(f"time {text!r}: expected sbatch's MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS or "
+                         "DAYS-HOURS[:MINUTES[:SECONDS]]")
     d, a, b, c = (int(m[k]) if m[k] is not None else None for k in "dabc")
     if d is None:
         if b is None:  # "90": minutes
             seconds = a * 60
-        elif c is None:  # "1:30": hours and minutes
-            seconds = a * 3600 + b * 60
+        elif c is None:  # "30:00": minutes and seconds
+            seconds = a * 60 + b
         else:  # "1:30:00"
             seconds = a * 3600 + b * 60 + c
     else:  # "D-HH", "D-HH:MM", "D-HH:MM:SS"
@@ -38,6 +39,13 @@ def time_minutes(text: str) -> int:
     if seconds <= 0:
         raise ValueError(f"time {text!r}: must be positive")
     return math.ceil(seconds / 60)
+
+
+def format_minutes(minutes: int) -> str:
+    """90 -> "1 h 30 min", 2880 -> "2 d 0 h 0 min": what a limit means, echoed at submission."""
+    d, rest = divmod(int(minutes), 1440)
+    h, m = divmod(rest, 60)
+    return (f"{d} d " if d else "") + (f"{h} h " if d or h else "") + f"{m} min"
 
 
 @dataclass
@@ -50,7 +58,7 @@ class SlurmConfig:
     tasks_per_node: int = 0  # 0: one task per GPU (gpus_per_node), or 1 without GPUs; CPU/gloo: set it (e.g. 2)
     cpus_per_task: int = 8
     mem_gb: int = 0  # per node; 0: SLURM's default
-    time: str = "24:00:00"  # "MINUTES", "H:MM", "H:MM:SS" or "D-HH:MM:SS" (see time_minutes)
+    time: str = "24:00:00"  # as sbatch reads it: "MINUTES", "MINUTES:SECONDS", "H:MM:SS", "D-HH[:MM[:SS]]"
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None

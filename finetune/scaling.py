@@ -57,7 +57,7 @@ class LaunchConfig:
     nproc_per_node: int = 2
     env: dict[str, str] = field(default_factory=lambda: {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                                          "MKL_NUM_THREADS": "1"})
-    cluster_args: list[str] = field(default_factory=list)  # e.g. [--slurm-config, configs/cluster/..., --time, 8:00]
+    cluster_args: list[str] = field(default_factory=list)  # e.g. [--slurm-config, configs/cluster/..., --time, "8:00:00"]
 
     def __post_init__(self):
         if self.nproc_per_node < 1:

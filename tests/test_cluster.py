@@ -34,7 +34,7 @@ LOCAL_CPU = ROOT / "configs/cluster/local_cpu.yaml"
 N = 60
 STEPS = [f"train.epochs={N // 2}", "train.samples_per_epoch=16", "checkpoint.every_steps=1000"]
 CPU_JOB = ["--slurm-config", str(LOCAL_CPU), "--partition", "debug", "--gpus-per-node", "0", "--tasks-per-node", "2",
-           "--cpus-per-task", "1", "--time", "0:15"]
+           "--cpus-per-task", "1", "--time", "15"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -90,9 +90,14 @@ def _ray_leftovers(job_id: str) -> list[int]:
 def test_time_notation():
     from cluster.config import time_minutes
 
-    assert time_minutes("90") == 90 and time_minutes("1:30") == 90 and time_minutes("1:30:00") == 90
-    assert time_minutes("0:00:30") == 1 and time_minutes("2-12") == 2 * 1440 + 720
-    assert time_minutes("1-00:30:00") == 1440 + 30
+    from cluster.config import format_minutes
+
+    # exactly as sbatch reads --time: MINUTES:SECONDS, not hours:minutes
+    assert time_minutes("90") == 90 and time_minutes("30:00") == 30 and time_minutes("1:30:00") == 90
+    assert time_minutes("1:30") == 2 and time_minutes("0:00:30") == 1 and time_minutes("2-12") == 2 * 1440 + 720
+    assert time_minutes("1-00:30:00") == 1440 + 30 and time_minutes("2-00") == 2880
+    assert format_minutes(90) == "1 h 30 min" and format_minutes(2880) == "2 d 0 h 0 min" and format_minutes(7) == \
+        "7 min"
     for bad in ("", "1h", "1:2:3:4", "0"):
         with pytest.raises(ValueError):
             time_minutes(bad)
@@ -105,7 +110,7 @@ def test_flags_and_overrides_map_to_the_cluster_config():
     args = build_parser().parse_args(
         ["submit", "pretrain", "--config", str(TINY),
          "--slurm-config", str(ROOT / "configs/cluster/slurm_multinode.yaml"),
-         "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1:30", "--account", "acc",
+         "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1:30:00", "--account", "acc",
          "--qos", "high", "--constraint", "h100", "--max-requeues", "5", "--signal-delay", "300", "--name", "x",
          "optim.lr=1e-3", "slurm.env={NCCL_DEBUG: INFO}", "slurm.setup=['module load cuda']", "slurm.exclusive=true"])
     job, slurm = split_overrides(args.overrides)
@@ -153,7 +158,7 @@ def test_sbatch_script(tmp_path):
     from cluster.config import SlurmConfig
     from cluster.launch import env_for, sbatch_script, setup_lines
 
-    cfg = SlurmConfig(cluster="slurm", nodes=2, gpus_per_node=4, cpus_per_task=12, mem_gb=200, time="1:30",
+    cfg = SlurmConfig(cluster="slurm", nodes=2, gpus_per_node=4, cpus_per_task=12, mem_gb=200, time="1:30:00",
                       partition="gpu", account="acc", qos="high", constraint="h100", signal_delay_s=150,
                       env={"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ib0"}, setup=["module load cuda/12.4"])
     text = sbatch_script(cfg, tmp_path / "job", "cmrfm-pretrain", setup_lines(cfg, env_for(cfg, "pretrain")))
@@ -169,7 +174,7 @@ def test_sbatch_script(tmp_path):
     assert "%j_%t_log.out" in srun and "-m submitit.core._submit" in srun
     assert "DS_ACCELERATOR" not in text  # GPUs: NCCL
 
-    cpu = SlurmConfig(cluster="slurm", gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, time="0:20")
+    cpu = SlurmConfig(cluster="slurm", gpus_per_node=0, tasks_per_node=2, cpus_per_task=1, time="20")
     text = sbatch_script(cpu, tmp_path / "job", "x", setup_lines(cpu, env_for(cpu, "pretrain")), array=3)
     assert "#SBATCH --ntasks-per-node=2" in text and "--gpus-per-node" not in text
     assert "export DS_ACCELERATOR=cpu" in text and "#SBATCH --array=0-2%3" in text and "%A_%a_%t_log.out" in text
@@ -178,7 +183,7 @@ def test_sbatch_script(tmp_path):
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     jobs = tmp_path / "jobs"
     args = ("submit", "pretrain", "--config", TINY, "--dry-run", "--cluster", "slurm", "--nodes", "2",
-            "--gpus-per-node", "4", "--partition", "gpu", "--time", "2:00", "--account", "acc", "--qos", "q",
+            "--gpus-per-node", "4", "--partition", "gpu", "--time", "2:00:00", "--account", "acc", "--qos", "q",
             "--constraint", "a100", "--folder", jobs, f"checkpoint.dir={tmp_path / 'run'}",
             "train.global_batch=16", "slurm.env={NCCL_DEBUG: WARN}", f"data.dataset={tmp_path / 'nodata'}")
     res = _cli(*args)  # checked before anything is queued: the dataset does not exist
@@ -232,7 +237,7 @@ def ukb_job(tiny_cohort, tmp_path_factory):
     t0 = time.time()
     res = _cli("submit", "data_prep", "ukb", "--src", tiny_cohort / "ukb", "--tabular", tiny_cohort / "ukb_tabular.csv",
                "--out", tmp / "ukb", "--slurm-config", LOCAL_CPU, "--cluster", executor, "--partition", "debug",
-               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "0:15", "--folder", tmp / "jobs",
+               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15", "--folder", tmp / "jobs",
                "--name", "ukb", "--wait", "--wait-timeout", "300", "preprocess.sa_planes=3", "preprocess.crop=32",
                "job.block_size=1", "job.val_fraction=0.0", "job.test_fraction=0.0", timeout=400)
     out = _ok(res)
@@ -292,6 +297,7 @@ def test_two_task_pretraining_job_completes_with_a_checkpoint(run_a):
     assert (folder / "run_dir.txt").read_text().strip() == str(run_a.run)
     assert f"dir: {run_a.run}" in (folder / "config.yaml").read_text()
     assert "#SBATCH --ntasks-per-node=2" in (folder / f"{jid}_submission.sh").read_text()
+    assert "time limit 15 min)" in run_a.stdout  # what --time 15 means, echoed at submission
     log = (folder / f"{jid}_0_log.out").read_text()
     assert "[pretrain] srun: world 2, device cpu" in log and f"step {N}/{N}" in log  # rank/world from SLURM, gloo
 
@@ -426,7 +432,7 @@ def test_local_executor_runs_two_ranks(ukb_job, tmp_path):
 
     t0 = time.time()
     out = _ok(_cli("submit", "pretrain", "--config", TINY, "--cluster", "local", "--gpus-per-node", "0",
-                   "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "0:10", "--folder", tmp_path / "jobs",
+                   "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--folder", tmp_path / "jobs",
                    "--name", "l", "--wait", "--wait-timeout", "300", f"checkpoint.dir={tmp_path / 'run'}",
                    f"data.dataset={ukb_job.out}", "train.epochs=2", "train.samples_per_epoch=16", timeout=400))
     jid = _job_id(out)
