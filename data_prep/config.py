@@ -263,7 +263,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             with open(path, encoding="utf-8") as f:  # a stream, so YAML errors show the file name
                 loaded = yaml.load(f, Loader=_UniqueKeyLoader)
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from e
+            where = "" if path.is_absolute() else (f" (relative paths are read from the current directory, "
+                                                   f"{Path.cwd()}: run from the repository root or give an "
+                                                   "absolute path)")
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}{where}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):

@@ -94,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser, sub = cli_parser("python -m finetune", __doc__, EPILOG)
     from data_prep.config import add_config_arguments
 
-    p = sub.add_parser("train", help="one fine-tuning run: train, validate, test, report")
+    p = sub.add_parser("train", help="one fine-tuning run: train, validate, test, report",
+                       description="Fine-tune an encoder (config `encoder`: an export or a pretraining run; none: "
+                                   "the config's ViT from scratch) on one task (`task.name`: phenotypes, diseases, "
+                                   "segmentation, modality_view) with one protocol (`protocol.kind`). Writes "
+                                   "metrics.json, report.md, predictions.csv, figures and TensorBoard under `out`.")
     add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
     p.set_defaults(func=_train)
-    p = sub.add_parser("compare", help="the paper's comparison: baselines and encoders on one task, one table")
+    p = sub.add_parser("compare", help="the paper's comparison: baselines and encoders on one task, one table",
+                       description="Fine-tune every --method encoder and the --baselines on the config's task with "
+                                   "the same budget and write one comparison table (comparison.md / .json).")
     add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
     p.add_argument("--method", action="append", default=[], metavar="NAME=ENCODER",
                    help="an encoder to compare (export or pretraining run directory); repeatable")
@@ -113,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="an encoder to probe (export or pretraining run directory; 'random' = the config's ViT, "
                         "randomly initialised); repeatable")
     p.set_defaults(func=_probe)
-    p = sub.add_parser("embed", help="per-subject encoder embeddings of a converted dataset -> .npz")
+    p = sub.add_parser("embed", help="per-subject encoder embeddings of a converted dataset -> .npz",
+                       description="Embed every subject of a converted UK Biobank dataset with a frozen encoder "
+                                   "(mean-pooled tokens, the encoder's own frames) and save keys, splits and "
+                                   "embeddings as .npz.")
     p.add_argument("--encoder", required=True, help="encoder.safetensors, its directory, or a pretraining run")
     p.add_argument("--dataset", required=True, help="a converted dataset directory (manifest.json + store.zarr)")
     p.add_argument("--out", required=True, help="output .npz (keys, split, embeddings)")
