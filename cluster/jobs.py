@@ -94,6 +94,8 @@ def record_external_requeues(job_folder: Path, job_id: str, restarts: int, run_d
     pointer = Path(run_dir) / "checkpoints" / "latest" if run_dir else None
     tag = pointer.read_text().strip() if pointer is not None and pointer.is_file() else None
     step = int(tag[4:]) if tag and tag[4:].isdigit() else None
+    if not missing:  # (the file's existence means "a requeue happened" to its readers)
+        return 0
     with open(log, "a") as f:
         for k in range(missing):
             f.write(json.dumps({"job_id": job_id, "time": time.time(), "kind": "pretrain",
