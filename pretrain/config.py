@@ -121,6 +121,9 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
+    # the image encoder's learning rate as a fraction of `lr` (contrastive stages from an earlier stage's export:
+    # < 1 keeps more of it); 1: one learning rate for all, as in the papers
+    encoder_lr_scale: float = 1.0
 
 
 @dataclass

@@ -181,12 +181,22 @@ def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: dict, device
         model.train(was_training)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: biases and norms without weight decay (MAE); with `encoder_lr_scale` != 1 the image encoder's
+    (`encoder.*`) learning rate is that fraction of the others' (a contrastive stage started from a Stage I export:
+    < 1 keeps more of what Stage I learnt). The others come first: their lr is the one logged."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # biases, norms: no weight decay (MAE)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            is_encoder = encoder_lr_scale != 1.0 and name.startswith("encoder.")
+            groups.setdefault((is_encoder, p.ndim >= 2), []).append(p)  # ndim < 2: biases, norms
+    out = []
+    for (is_encoder, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if is_encoder:
+            group["lr_scale"] = encoder_lr_scale
+        out.append(group)
+    return out
 
 
 def reconstruction_grid(model: MaskedAutoencoder, images: torch.Tensor, out: dict) -> torch.Tensor:
@@ -274,7 +284,10 @@ def train(cfg: PretrainConfig) -> dict:
                           seed=cfg.train.seed, frames=cfg.model.frames, transform=build_transform(cfg, manifest, True))
     steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.encoder_lr_scale)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g.pop("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr,
                                   betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     ds_config = deepspeed_config(cfg, world)

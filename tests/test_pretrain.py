@@ -387,3 +387,23 @@ def test_stage2_in_bf16(shards, tmp_path):
     val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"split": "val"' in x]
     assert [v["step"] for v in val] == [20, 40] and np.isfinite(val[-1]["loss"])
     assert val[-1]["loss"] < val[0]["loss"] and val[-1]["loss"] < 0.75 * np.log(4), val  # in-sample, 4 subjects
+
+
+def test_encoder_lr_scale_puts_the_image_encoder_in_its_own_groups():
+    """optim.encoder_lr_scale: the image encoder (`encoder.*`) learns at a fraction of the others' rate; at 1 the
+    groups are the papers' two (decay / no decay), in the same order, so older checkpoints still load."""
+    from pretrain.config import MAEConfig, ViTConfig
+    from pretrain.models.vit import MaskedAutoencoder
+    from pretrain.train import param_groups
+
+    vit = ViTConfig(img_size=32, sa_planes=3, la_planes=3, frames=5, patch=(5, 8, 8), dim=64, depth=2, heads=4)
+    model = MaskedAutoencoder(vit, MAEConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4))
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = param_groups(model, 0.05)
+    assert [(g["weight_decay"], "lr_scale" in g) for g in plain] == [(0.05, False), (0.0, False)]
+    scaled = param_groups(model, 0.05, 0.1)
+    assert sum(len(g["params"]) for g in scaled) == sum(len(g["params"]) for g in plain)
+    for g in scaled:
+        in_encoder = {names[id(p)].startswith("encoder.") for p in g["params"]}
+        assert in_encoder == {g.get("lr_scale") == 0.1}, g.get("lr_scale")
+    assert "lr_scale" not in scaled[0]  # the logged lr (group 0) stays optim.lr
