@@ -436,7 +436,7 @@ def test_local_executor_runs_two_ranks(ukb_job, tmp_path):
                    "--name", "l", "--wait", "--wait-timeout", "300", f"checkpoint.dir={tmp_path / 'run'}",
                    f"data.dataset={ukb_job.out}", "train.epochs=2", "train.samples_per_epoch=16", timeout=400))
     jid = _job_id(out)
-    assert f"submitted pretrain job {jid} (local, 2 task(s), time limit 15 min)" in out
+    assert f"submitted pretrain job {jid} (local, 2 task(s), time limit 10 min)" in out
     for rank in (0, 1):
         assert f'{jid} task {rank}: {{"step": 4, "samples": 32, "stopped": null, "rank": {rank}' in out
     assert latest_tag(tmp_path / "run" / "checkpoints") == "step00000004"
