@@ -237,7 +237,7 @@ def preflight(cfg: PretrainConfig, check_device: bool = True) -> dict:
     """Checks that need no GPU, Ray or DeepSpeed, run before any of them starts (and by `cluster submit` before
     anything is queued, `check_device` off there); a ConfigError line each. Returns the dataset's manifest."""
     manifest = read_dataset_manifest(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
-    size = dataset_image_size(manifest)
+    size = dataset_image_size(manifest) if manifest["dataset"] == "ukb" else None  # (k-space: resized on load)
     if size is not None and size != cfg.model.img_size:
         raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds {size}-pixel images")
     stored = (manifest.get("geometry") or {}).get("sa_planes")
