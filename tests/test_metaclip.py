@@ -218,14 +218,16 @@ def test_metaclip_in_bf16_with_the_pretrained_text_encoder_and_resnet50(kspace24
     text tower, MONAI's ResNet-50 image encoder, the soft-label loss gathered across ranks, and the validation
     pass, all in bf16: finite losses and retrieval, and the loss falls."""
     run = tmp_path / "run"
+    # 12 steps: bf16 matmuls are slow on CPU (18 steps took over 15 min on a loaded 2-core machine)
     out = _train(run, kspace24, "train.precision=bf16", "metaclip.text_init=pretrained",
-                 "metaclip.image_encoder=resnet50", "train.epochs=6", "train.log_every=3", "train.eval_every=9")
+                 "metaclip.image_encoder=resnet50", "train.epochs=4", "train.log_every=3", "train.eval_every=6")
     assert "bf16" in out and "world 2" in out
     train, val = _rows(run, "train"), _rows(run, "val")
-    assert sorted(train) == [3, 6, 9, 12, 15, 18] and sorted(val) == [9, 18]
+    assert sorted(train) == [3, 6, 9, 12] and sorted(val) == [6, 12]
     assert all(np.isfinite(r["loss"]) for r in train.values()) and all(np.isfinite(v["loss"]) for v in val.values())
-    assert train[18]["loss"] < train[3]["loss"], train
-    assert 0 <= val[18]["image_to_text_top1"] <= 1
+    # one logged batch is noisy (2.3, 3.2, 2.2, 2.1 in one run): the later half against the earlier half
+    assert train[9]["loss"] + train[12]["loss"] < train[3]["loss"] + train[6]["loss"], train
+    assert 0 <= val[12]["image_to_text_top1"] <= 1
 
 
 def test_batchnorm_runs_in_fp32_next_to_bf16_weights():
