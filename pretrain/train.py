@@ -375,7 +375,8 @@ def train(cfg: PretrainConfig) -> dict:
                 metrics.write(json.dumps({"step": step, "samples": samples, "split": "val", **val}) + "\n")
                 metrics.flush()
                 for k, v in val.items():
-                    writer.add_scalar(f"val/{k}", v, step)
+                    if k not in ("n", "sentences"):  # counts, not curves (they stay in metrics.jsonl)
+                        writer.add_scalar(f"val/{k}", v, step)
                 print(f"[pretrain] step {step} validation: " + " ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()), flush=True)
         # every 10 steps (not every step: the all-reduce is a device sync); all ranks decide alike
