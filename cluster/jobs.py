@@ -52,6 +52,11 @@ def restart_count(job_folder: Path, job_id: str) -> int:
     """How many times this job ran before: SLURM_RESTART_COUNT on SLURM, our requeue log locally."""
     if "SLURM_RESTART_COUNT" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    return logged_requeues(job_folder, job_id)
+
+
+def logged_requeues(job_folder: Path, job_id: str) -> int:
+    """Lines of this job in requeues.jsonl."""
     log = Path(job_folder) / REQUEUES
     if not log.exists():
         return 0
@@ -87,16 +92,14 @@ def record_external_requeues(job_folder: Path, job_id: str, restarts: int, run_d
     """Rank 0 at the start of a run: SLURM counts every restart (SLURM_RESTART_COUNT) and the job logs the
     requeues it asked for; the difference was requeued from outside (`scontrol requeue`, preemption, a node
     failure). Each is recorded in requeues.jsonl with the checkpoint the run resumes from. Returns how many."""
-    log = Path(job_folder) / REQUEUES
-    lines = log.read_text().splitlines() if log.exists() else []
-    known = sum(1 for line in lines if line.strip() and json.loads(line).get("job_id") == job_id)
+    known = logged_requeues(job_folder, job_id)
     missing = max(0, restarts - known)
     pointer = Path(run_dir) / "checkpoints" / "latest" if run_dir else None
     tag = pointer.read_text().strip() if pointer is not None and pointer.is_file() else None
     step = int(tag[4:]) if tag and tag[4:].isdigit() else None
     if not missing:  # (the file's existence means "a requeue happened" to its readers)
         return 0
-    with open(log, "a") as f:
+    with open(Path(job_folder) / REQUEUES, "a") as f:
         for k in range(missing):
             f.write(json.dumps({"job_id": job_id, "time": time.time(), "kind": "pretrain",
                                 "restart": known + k, "step": step, "external": True,

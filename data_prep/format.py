@@ -296,11 +296,3 @@ def read_dataset_manifest(dataset: str | Path, kinds: tuple[str, ...] = DATASET_
                           + " or ".join(repr(k) for k in kinds))
     return manifest
 
-
-def dataset_image_size(manifest: dict) -> int | None:
-    """The stored image size of a converted dataset (UK Biobank: the crop; k-space: the resized square)."""
-    if manifest.get("dataset") == "ukb":
-        geometry = manifest.get("geometry") or manifest.get("config", {}).get("preprocess", {})
-        return geometry.get("crop")
-    size = manifest.get("config", {}).get("size")
-    return size if isinstance(size, int) else (size[0] if size else None)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.config import ConfigError, dump_config, save_resolved_config
-from data_prep.format import dataset_image_size, read_dataset_manifest
+from data_prep.format import read_dataset_manifest
 from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
@@ -237,13 +237,13 @@ def preflight(cfg: PretrainConfig, check_device: bool = True) -> dict:
     """Checks that need no GPU, Ray or DeepSpeed, run before any of them starts (and by `cluster submit` before
     anything is queued, `check_device` off there); a ConfigError line each. Returns the dataset's manifest."""
     manifest = read_dataset_manifest(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
-    size = dataset_image_size(manifest) if manifest["dataset"] == "ukb" else None  # (k-space: resized on load)
-    if size is not None and size != cfg.model.img_size:
-        raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds {size}-pixel images")
-    stored = (manifest.get("geometry") or {}).get("sa_planes")
-    if manifest["dataset"] == "ukb" and stored is not None and stored != cfg.model.sa_planes:
-        raise ConfigError(f"model.sa_planes is {cfg.model.sa_planes} but {cfg.data.dataset} holds {stored} "
-                          "short-axis planes per subject")
+    geometry = manifest.get("geometry") or {}  # UK Biobank only (the k-space loader resizes on load)
+    if geometry.get("crop") not in (None, cfg.model.img_size):
+        raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds "
+                          f"{geometry['crop']}-pixel images")
+    if geometry.get("sa_planes") not in (None, cfg.model.sa_planes):
+        raise ConfigError(f"model.sa_planes is {cfg.model.sa_planes} but {cfg.data.dataset} holds "
+                          f"{geometry['sa_planes']} short-axis planes per subject")
     if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).exists():
         raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} does not exist")
     if check_device and cfg.train.device == "cuda" and not torch.cuda.is_available():

@@ -80,6 +80,27 @@ def _rows_logged(run_dir: Path) -> int:
     return p.read_text().count("\n") if p.exists() else 0
 
 
+def _submit_training(tmp_path: Path, name: str, dataset: Path, *overrides: str, rows: int = 2):
+    """Submit a 2-task CPU pretraining job on SLURM and wait until it has logged `rows` steps; returns (job id,
+    JobRecord, run directory). The caller interrupts it and `scancel`s it in a `finally`."""
+    from cluster.launch import JobRecord, scontrol_job
+
+    run = tmp_path / "run"
+    out = _ok(_cli("submit", "pretrain", "--config", TINY, *CPU_JOB, "--folder", tmp_path / "jobs", "--name", name,
+                   f"checkpoint.dir={run}", f"data.dataset={dataset}", *overrides))
+    jid = _job_id(out)
+    rec = JobRecord.load(tmp_path / "jobs" / "pretrain" / name)
+    try:
+        deadline = time.time() + 240
+        while _rows_logged(run) < rows:
+            assert time.time() < deadline, f"job {jid} did not start training: {scontrol_job(jid)}"
+            time.sleep(0.3)
+    except BaseException:
+        subprocess.run(["scancel", jid], capture_output=True, timeout=30)
+        raise
+    return jid, rec, run
+
+
 def _ray_leftovers(job_id: str) -> list[int]:
     from cluster.jobs import ray_processes
 
@@ -313,20 +334,12 @@ def test_two_task_pretraining_job_completes_with_a_checkpoint(run_a):
 def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
     """SIGUSR2 mid-run (what SLURM sends `signal_delay_s` before the time limit, and on preemption): the trainer
     saves at the next step multiple of 10, the job requeues itself, the next run resumes from that checkpoint."""
-    from cluster.launch import JobRecord, scontrol_job, wait
+    from cluster.launch import scontrol_job, wait
     from pretrain.export import consolidated_state_dict
 
-    run = tmp_path / "run"
     t0 = time.time()
-    out = _ok(_cli("submit", "pretrain", "--config", TINY, *CPU_JOB, "--folder", tmp_path / "jobs", "--name", "b",
-                   f"checkpoint.dir={run}", f"data.dataset={ukb_job.out}", *STEPS))
-    jid = _job_id(out)
-    rec = JobRecord.load(tmp_path / "jobs" / "pretrain" / "b")
+    jid, rec, run = _submit_training(tmp_path, "b", ukb_job.out, *STEPS)
     try:
-        deadline = time.time() + 240
-        while _rows_logged(run) < 2:
-            assert time.time() < deadline, f"job {jid} did not start training: {scontrol_job(jid)}"
-            time.sleep(0.3)
         t_sig = time.time()
         subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
         results = wait(rec, timeout_s=300)[jid]
@@ -363,18 +376,10 @@ def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
 def test_external_requeue_is_recorded_and_resumes_exactly(run_a, ukb_job, tmp_path):
     """`scontrol requeue` from outside (an operator, a preemption): SLURM stops the job and brings it back; the
     next run records the requeue in requeues.jsonl (and `cluster status` shows it) and resumes bit for bit."""
-    from cluster.launch import JobRecord, scontrol_job, wait
+    from cluster.launch import wait
 
-    run = tmp_path / "run"
-    out = _ok(_cli("submit", "pretrain", "--config", TINY, *CPU_JOB, "--folder", tmp_path / "jobs", "--name", "e",
-                   f"checkpoint.dir={run}", f"data.dataset={ukb_job.out}", *STEPS))
-    jid = _job_id(out)
-    rec = JobRecord.load(tmp_path / "jobs" / "pretrain" / "e")
+    jid, rec, run = _submit_training(tmp_path, "e", ukb_job.out, *STEPS)
     try:
-        deadline = time.time() + 240
-        while _rows_logged(run) < 2:
-            assert time.time() < deadline, f"job {jid} did not start training: {scontrol_job(jid)}"
-            time.sleep(0.3)
         subprocess.run(["scontrol", "requeue", jid], check=True, timeout=30)
         results = wait(rec, timeout_s=400)[jid]
     finally:
@@ -395,20 +400,12 @@ def test_external_requeue_is_recorded_and_resumes_exactly(run_a, ukb_job, tmp_pa
 def test_cancel_mid_training_does_not_requeue(ukb_job, tmp_path):
     """`scancel` sends SIGTERM: the trainer saves at its next 10-step check, but a cancelled job must not requeue
     itself (`scontrol requeue` would happily bring a cancelled job back)."""
-    from cluster.launch import JobFailed, JobRecord, scontrol_job, wait
+    from cluster.launch import JobFailed, scontrol_job, wait
 
     _need_slurm()
-    run = tmp_path / "run"
-    out = _ok(_cli("submit", "pretrain", "--config", TINY, *CPU_JOB, "--folder", tmp_path / "jobs", "--name", "c",
-                   f"checkpoint.dir={run}", f"data.dataset={ukb_job.out}", "train.epochs=1000",
-                   "data.workers=0"))  # no DataLoader workers for SIGTERM to kill: the trainer itself stops
-    jid = _job_id(out)
-    rec = JobRecord.load(tmp_path / "jobs" / "pretrain" / "c")
+    # no DataLoader workers for SIGTERM to kill: the trainer itself stops
+    jid, rec, run = _submit_training(tmp_path, "c", ukb_job.out, "train.epochs=1000", "data.workers=0", rows=1)
     try:
-        deadline = time.time() + 240
-        while _rows_logged(run) < 1:
-            assert time.time() < deadline, f"job {jid} did not start training: {scontrol_job(jid)}"
-            time.sleep(0.3)
         assert f"cancelled SLURM job {jid}" in _ok(_cli("cancel", jid, "--folder", tmp_path / "jobs"))
         with pytest.raises(JobFailed, match=f"job {jid} ended \\(CANCELLED"):
             wait(rec, timeout_s=60, grace_s=10)  # requeued, it would be PENDING again after KillWait (5 s)
