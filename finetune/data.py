@@ -121,6 +121,12 @@ class SubjectDataset(Dataset):
         values = np.concatenate([self._rows("phenotypes"), self._rows("tabular")], axis=1)
         return values[:, self.target_index].astype(np.float32)
 
+    def phenotypes_table(self) -> np.ndarray:
+        """(N, len(PHENOTYPES)) the stored cardiac phenotypes of the split (NaN where not measured)."""
+        if not self.keys:
+            return np.zeros((0, len(PHENOTYPES)), np.float32)
+        return self._rows("phenotypes").astype(np.float32)
+
     def diseases_table(self) -> np.ndarray:
         """(N, diseases) labels of the split: 1 / 0, -1 unknown."""
         if not self.keys:

@@ -130,9 +130,14 @@ def summarise(demo: str | Path) -> dict:
         names = [n for n in HEADLINE if n in probe["mean_guess"]]
         out["linear_probe"] = {"mae_ratio": {m: _r(mae_ratio(r["per_target"], probe["mean_guess"], names))
                                              for m, r in probe["methods"].items()}}
+        if "loo_mean_guess_mae" in probe:
+            out["linear_probe"] |= _probe_evidence(probe, names)
     dis = _json(ft / "diseases" / "metrics.json")
     if dis:
         out["diseases"] = {"mean_auroc": _r(_mean(m["auroc"] for m in dis["test"]["per_disease"].values()))}
+        ref = (dis.get("phenotype_reference") or {}).get("per_disease")
+        if ref:  # what a logistic regression on the measured phenotypes reaches on the same test subjects
+            out["diseases"]["phenotype_reference_mean_auroc"] = _r(_mean(m["auroc"] for m in ref.values()))
     seg = _json(ft / "segmentation" / "metrics.json")
     if seg and "volume_dice" in seg["test"]:
         out["segmentation"] = {"volume_dice": {k: _r(v["dice"]) for k, v in seg["test"]["volume_dice"].items()}}
@@ -141,6 +146,21 @@ def summarise(demo: str | Path) -> dict:
         out["modality_view"] = {k: _r(mv["test"][k]) for k in ("modality_accuracy", "view_balanced_accuracy")}
     out["targets"] = targets(out)
     return out
+
+
+def _probe_evidence(probe: dict, names: list[str]) -> dict:
+    """Beside the probe's test ratios: the leave-one-out ratios on the fit split (every training subject) and,
+    per pretrained method, the 95 % paired-bootstrap interval of (its test ratio - the random encoder's)."""
+    from finetune.probe import bootstrap_ratio_difference
+
+    cols = [probe["targets"].index(n) for n in names]
+    loo = {m: _r(_mean(r["loo_mae"][n] / probe["loo_mean_guess_mae"][n] for n in names))
+           for m, r in probe["methods"].items()}
+    err = {m: np.asarray(r["abs_err"], float)[:, cols] for m, r in probe["methods"].items()}
+    mg = np.asarray(probe["mean_guess_abs_err"], float)[:, cols]
+    ci = {m: [_r(v) for v in bootstrap_ratio_difference(e, err["random"], mg)]
+          for m, e in err.items() if m != "random"} if "random" in err else {}
+    return {"loo_mae_ratio": loo, "test_minus_random_ci95": ci}
 
 
 def targets(s: dict) -> list[dict]:
@@ -219,8 +239,20 @@ def build(demo: str | Path) -> Path:
         head = [n for n in HEADLINE if n in names]
         table = report.phenotype_table({"mean_guess": probe["mean_guess"],
                                         **{m: r["per_target"] for m, r in probe["methods"].items()}}, names)
-        ratios = "\n".join(f"- `{m}`: average MAE / mean-guess {mae_ratio(r['per_target'], probe['mean_guess'], head):.3f}"
-                           for m, r in probe["methods"].items())
+        lp = summary.get("linear_probe", {})
+        loo, ci = lp.get("loo_mae_ratio", {}), lp.get("test_minus_random_ci95", {})
+        ratios = "\n".join(
+            f"- `{m}`: average MAE / mean-guess {mae_ratio(r['per_target'], probe['mean_guess'], head):.3f} on the "
+            f"{probe['n']['test']} test subjects" + (f"; {loo[m]:.3f} leave-one-out on the {probe['n']['train']} "
+                                                     f"training subjects" if loo.get(m) is not None else "")
+            + (f"; test minus `random`, 95 % paired bootstrap: [{ci[m][0]:+.3f}, {ci[m][1]:+.3f}]"
+               if None not in ci.get(m, [None]) else "")
+            for m, r in probe["methods"].items())
+        if ci:
+            ratios += ("\n\nAn interval that holds 0: the test split is too small to rank that method against the "
+                       "random encoder; the leave-one-out figures use every training subject (the probe's "
+                       "penalty is chosen by the same leave-one-out, so they are slightly optimistic, alike for "
+                       "every method).")
         sections.append(("Evidence 1: linear probe on frozen features (ridge, penalty by leave-one-out)",
                          "Does pretraining put the phenotypes into the features? The same probe on a randomly "
                          "initialised encoder, the Stage I and the Stage II encoder.\n\n" + table + "\n\n" + ratios))
@@ -236,10 +268,19 @@ def build(demo: str | Path) -> Path:
     dis = _json(ft / "diseases" / "metrics.json")
     if dis:
         per = dis["test"]["per_disease"]
+        ref = (dis.get("phenotype_reference") or {}).get("per_disease")
         says = (f"Mean test AUROC over the diseases with both classes present: "
                 f"{_mean(m['auroc'] for m in per.values()):.2f} (chance 0.50).")
+        if ref:
+            says += (f" Reference: a logistic regression on the {len(dis['phenotype_reference']['features'])} "
+                     f"phenotypes measured from the ground-truth segmentations, fitted on the same training subjects, "
+                     f"reaches {_mean(m['auroc'] for m in ref.values()):.2f} on the same test subjects (row "
+                     f"`phenotypes_logistic`): how far each disease is written in the heart's measurable shape. "
+                     f"The table gives each disease's test positives: with one or two, its AUROC is the rank of one "
+                     f"or two subjects.")
+        table = {"vita": per, **({"phenotypes_logistic": ref} if ref else {})}
         sections.append(("Diseases: test classification (ViTa Table 4 shape)",
-                         report.disease_table({"vita": per}) + "\n\n" + says))
+                         report.disease_table(table) + "\n\n" + says))
         figs.append(ft / "diseases" / "figures" / "roc_pr.png")
     seg = _json(ft / "segmentation" / "metrics.json")
     if seg:

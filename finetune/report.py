@@ -67,7 +67,7 @@ def phenotype_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], na
 
 
 def disease_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], floatfmt: str = ".3f") -> str:
-    """Table 4: per disease (with its positive-class ratio) and method, AUROC, F1, recall, precision and AP.
+    """Table 4: per disease (with its positives / labelled subjects and their ratio) and method, AUROC, F1, recall, precision and AP.
 
     `results[method][disease]` is `classification_metrics`-like.
     """
@@ -81,7 +81,9 @@ def disease_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], floa
                 continue
             m = res[disease]
             prev = m.get("prevalence", math.nan)
-            label = disease if math.isnan(prev) else f"{disease} ({prev:.1%})"
+            n = int(m.get("n", 0) or 0)
+            label = disease if math.isnan(prev) else (
+                f"{disease} ({round(prev * n)}/{n}, {prev:.1%})" if n else f"{disease} ({prev:.1%})")
             rows.append({"Disease": label if first else "", "Method": method,
                          **{col: m.get(key, math.nan) for col, key in columns.items()}})
             first = False

@@ -95,6 +95,11 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     assert {"psnr", "psnr_mean_image", "psnr_constant"} <= set(summary["stage1"])
     assert {"mean_guess", "vit_scratch", "mae", "vita"} <= set(summary["phenotypes"]["mae_ratio"])
     assert set(summary["linear_probe"]["mae_ratio"]) == {"random", "mae", "vita"}
+    assert set(summary["linear_probe"]["loo_mae_ratio"]) == {"random", "mae", "vita"}
+    assert set(summary["linear_probe"]["test_minus_random_ci95"]) == {"mae", "vita"}
+    lo, hi = summary["linear_probe"]["test_minus_random_ci95"]["vita"]
+    assert f"test minus `random`, 95 % paired bootstrap: [{lo:+.3f}, {hi:+.3f}]" in report
+    assert "phenotypes_logistic" in report and 0.0 <= summary["diseases"]["phenotype_reference_mean_auroc"] <= 1.0
     assert set(summary["label_efficiency"]["mae_ratio"]["vita"]) == {"0.1", "0.25", "0.5", "1"}
     assert set(summary["segmentation"]["volume_dice"]) == {"LV", "MYO", "RV", "LA", "RA"}
     targets = report[report.index("## Targets"):]

@@ -289,6 +289,8 @@ def test_paper_shaped_tables():
     assert t[0] == "| Disease | Method | AUROC | F1 | Recall | Precision | AP |"
     assert t[2] == "| cad (7.4%) | ResNet-50 | 0.608 | 0.000 | 0.000 | 0.000 | 0.139 |"
     assert t[3] == "|  | ViTa | 0.770 | 0.312 | 0.233 | 0.472 | 0.333 |"
+    cls["ResNet-50"]["cad"]["n"] = 27  # with the count of labelled subjects: the positives are shown
+    assert report.disease_table(cls).splitlines()[2].startswith("| cad (2/27, 7.4%) | ResNet-50 |")
 
     seg = {"ViTa": {"LV": {"dice": 0.9, "hd95": 2.5}, "RA": {"dice": 0.8, "hd95": float("nan")}}}
     t = report.segmentation_table(seg).splitlines()
@@ -343,3 +345,31 @@ def test_volume_dice_hand_made_masks():
     assert segmentation_metrics(pred, true, np.ones((1, 4), bool), {1: "LV"})["LV"]["n"] == 6
     with pytest.raises(ValueError):
         volume_dice(pred, true, np.ones((1, 3), bool), labels, plane_labels, groups)
+
+
+def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
+    """The diseases' reference (a logistic regression on the stored phenotypes) finds a disease defined by a low
+    LVEF, ignores missing values, and gives NaN for a disease with one class in training."""
+    from types import SimpleNamespace
+
+    from data_prep.format import PHENOTYPES
+    from finetune.config import FinetuneConfig
+    from finetune.train import phenotype_reference
+
+    rng = np.random.default_rng(0)
+    ef = PHENOTYPES.index("LVEF")
+
+    def split(n):
+        x = rng.normal(100, 20, (n, len(PHENOTYPES))).astype(np.float32)
+        x[rng.random(x.shape) < 0.05] = np.nan  # some measurements missing
+        x[:, ef] = rng.normal(58, 8, n)
+        y = np.stack([(x[:, ef] < 52).astype(np.int64), np.zeros(n, np.int64)], axis=1)
+        y[::7, 0] = -1  # unknown labels stay out
+        return SimpleNamespace(phenotypes_table=lambda: x, diseases_table=lambda: y)
+
+    cfg = FinetuneConfig()
+    cfg.task.diseases = ["hf", "never"]
+    ref = phenotype_reference(cfg, {"train": split(80), "test": split(60)})
+    assert ref["per_disease"]["hf"]["auroc"] > 0.85  # 0.92 measured; chance 0.5
+    assert ref["per_disease"]["hf"]["n"] == 60 - len(range(0, 60, 7))
+    assert math.isnan(ref["per_disease"]["never"]["auroc"])

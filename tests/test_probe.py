@@ -79,3 +79,43 @@ def test_training_loader_never_ends_on_a_single_sample_batch():
     left_out = [set(range(9)) - {int(i) for b in loader(Items(9), 4, 0, True, 0, epoch) for i in b["x"]}
                 for epoch in range(4)]
     assert all(len(s) == 1 for s in left_out) and len(set().union(*left_out)) > 1
+
+
+def test_leave_one_out_errors_equal_refitting_without_each_subject():
+    """The probe's leave-one-out errors (scikit-learn's closed form) equal n explicit ridge fits, each without one
+    subject, at the chosen penalty; the mean-guess's equal |y_i - mean of the others|."""
+    from sklearn.linear_model import Ridge
+
+    from finetune.probe import ALPHAS, loo_abs_errors, loo_mean_guess_errors
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=6)
+    x, y = _split(rng, 30, w, True)
+    y[3, 0] = np.nan  # a missing target: no error for that subject
+    err = loo_abs_errors(x, y)
+    known = np.isfinite(y[:, 0])
+    z = (x - x.mean(0)) / x.std(0)
+    _, (alpha,) = ridge_probe(x, y, x[:1])
+    assert alpha in ALPHAS
+    zk, yk = z[known], y[known, 0]
+    explicit = [abs(Ridge(alpha=alpha).fit(np.delete(zk, i, 0), np.delete(yk, i)).predict(zk[i:i + 1])[0] - yk[i])
+                for i in range(len(yk))]
+    np.testing.assert_allclose(err[known, 0], explicit, rtol=1e-6, atol=1e-9)
+    assert math.isnan(err[3, 0])
+    mg = loo_mean_guess_errors(y)
+    np.testing.assert_allclose(mg[known, 0][0], abs(yk[0] - np.delete(yk, 0).mean()))
+
+
+def test_bootstrap_interval_of_a_ratio_difference():
+    """Paired bootstrap of (ratio a - ratio b): an interval around 0 for the same errors, above 0 for errors
+    twice as large, and the same interval for the same seed."""
+    from finetune.probe import bootstrap_ratio_difference, ratio_of_errors
+
+    rng = np.random.default_rng(2)
+    mg = np.abs(rng.normal(10, 3, (40, 3)))
+    b = mg * rng.uniform(0.3, 0.7, mg.shape)
+    assert bootstrap_ratio_difference(b, b, mg, n_boot=200) == (0.0, 0.0)
+    lo, hi = bootstrap_ratio_difference(2 * b, b, mg, n_boot=500)
+    diff = ratio_of_errors(2 * b, mg) - ratio_of_errors(b, mg)
+    assert 0 < lo < diff < hi
+    assert bootstrap_ratio_difference(2 * b, b, mg, n_boot=500) == (lo, hi)
