@@ -331,6 +331,15 @@ def add_show_config_command(subparsers, cls: type, default_config: str | os.Path
     p.set_defaults(func=run)
 
 
+def eta(elapsed_s: float, done: int, total: int) -> str:
+    """"eta 1h02m" for a progress line: the mean time per unit so far times the units left ("" before the first)."""
+    if done <= 0 or total <= done:
+        return ""
+    left = int(round(elapsed_s / done * (total - done)))
+    h, m, s = left // 3600, left % 3600 // 60, left % 60
+    return f"eta {h}h{m:02d}m" if h else f"eta {m}m{s:02d}s" if m else f"eta {s}s"
+
+
 def cli_parser(prog: str, description: str, epilog: str) -> tuple[argparse.ArgumentParser, Any]:
     """The top-level parser of a `python -m <package>` CLI and its subcommand group."""
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,

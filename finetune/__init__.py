@@ -1,1 +1,5 @@
-"""finetune"""
+"""finetune: downstream heads on a pretrained encoder, metrics, reports — and the Python API (`Encoder`)."""
+
+from finetune.api import Encoder
+
+__all__ = ["Encoder"]

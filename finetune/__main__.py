@@ -16,6 +16,7 @@ EPILOG = """examples:
   python -m finetune probe --config configs/finetune/vita_phenotypes.yaml --method random=random \
       --method mae=runs/vita_stage1 --method vita=runs/vita_stage2 out=runs/probe
   python -m finetune embed --encoder runs/vita_stage2 --dataset data/ukb/converted --out embeddings.npz
+  python -m finetune predict --model runs/demo/finetune/segmentation --input runs/demo/cohort/ukb --out runs/pred
   python -m finetune config --config configs/finetune/vita_phenotypes.yaml
 
 configs/finetune/ holds the paper-scale task configs (vita_phenotypes, vita_diseases, vita_segmentation,
@@ -74,6 +75,13 @@ def _embed(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from finetune.predict import predict_input
+
+    predict_input(args.model, args.input, args.out, split=args.split, device=args.device)
+    return 0
+
+
 def _scaling(args) -> int:
     from finetune.scaling import ScalingConfig, run_study
 
@@ -129,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="all", help="train, val, test or all (default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_embed)
+    p = sub.add_parser("predict", help="a fine-tuned model on new subjects -> predictions.csv (+ NIfTI masks)",
+                       description="Run a finished `finetune train` run (its best weights, its thresholds) on a "
+                                   "converted dataset or on raw UK Biobank subjects (a NIfTI folder, a folder of "
+                                   "them, or a folder of 20209 / 20208 zip pairs), preprocessed as the run's "
+                                   "training dataset was converted. Writes predictions.csv and, for segmentation, "
+                                   "NIfTI label maps (raw input: in the input's own geometry).")
+    p.add_argument("--model", required=True, help="a finetune train run directory (config.yaml, best.safetensors)")
+    p.add_argument("--input", required=True, help="a converted dataset directory, or raw subjects (see above)")
+    p.add_argument("--out", required=True, help="output directory (predictions.csv, predictions/<key>/...)")
+    p.add_argument("--split", default="all", help="a converted dataset's split: train, val, test or all (default)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.set_defaults(func=_predict)
     p = sub.add_parser("scaling", help="probe quality against the number of pretraining subjects -> table + plot")
     add_config_arguments(p, "configs/scaling/demo.yaml")
     p.set_defaults(func=_scaling)

@@ -48,6 +48,13 @@ class ResNetEncoder(nn.Module):
         return self.net(images.flatten(1, 2))
 
 
+def pooled_features(encoder: nn.Module, images: Tensor) -> Tensor:
+    """(B, P, T, H, W) -> (B, dim): the mean of a ViT's output tokens, or the ResNet's pooled features."""
+    if isinstance(encoder, ResNetEncoder):
+        return encoder.pooled(images)
+    return encoder.forward_features(images).mean(dim=1)
+
+
 class UNETRDecoder(nn.Module):
     """UNETR (Hatamizadeh et al.) on each plane of the ViT: tokens at H/p -> H, with skips from intermediate
     blocks (deconvolved to H/2^l) and from the input frames (with the plane's identity) at full resolution. One
@@ -128,9 +135,7 @@ class FinetuneModel(nn.Module):
         """The pooled embedding of each sample (B, dim): what the heads, t-SNE and `finetune embed` see."""
         if self.task == "modality_view":
             return pool_sequences(self.encoder, batch["image"], batch["valid"])
-        if isinstance(self.encoder, ResNetEncoder):
-            return self.encoder.pooled(batch["image"])
-        return self.encoder.forward_features(batch["image"]).mean(dim=1)
+        return pooled_features(self.encoder, batch["image"])
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         if self.task == "segmentation":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.config import save_resolved_config
+from data_prep.config import eta, save_resolved_config
 from data_prep.format import LA_VIEWS, LABELS, MODALITIES, PHENOTYPES, SOURCE_LABEL_MAPS, VIEWS
 from data_prep.fsutil import atomic_path, atomic_write_text
 from finetune import figures, metrics, report
@@ -31,6 +31,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel, ResNetEncoder, param_groups
 from pretrain.config import MetaCLIPConfig
+from pretrain.export import training_data
 from pretrain.models.vit import ViTEncoder
 
 STRUCTURES = {i: name for i, name in enumerate(LABELS) if i > 0}
@@ -127,18 +128,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # --- evaluation ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(cfg: FinetuneConfig, model: FinetuneModel, ds: SubjectDataset, stats: dict, device, autocast,
-            seg_dir: Optional[Path] = None, all_frames: bool = False) -> dict:
+            seg_dir: Optional[Path] = None, all_frames: bool = False, progress: bool = False) -> dict:
     """Run the model over a split: predictions and truth as arrays (original units), and the features.
     Segmentation with `all_frames`: every stored frame, in T / frames passes of shifted frames."""
+    from tqdm import tqdm
+
     model.eval()
     task, out = cfg.task.name, {"key": [], "features": []}
     offsets = [0]
     if task == "segmentation" and all_frames:
         T = ds.reader.group["image"].shape[2]
         offsets = list(range(max(1, T // model.vit.frames)))
+    bar = tqdm(total=len(offsets) * len(ds), desc=f"predict {ds.split}", unit="subject", disable=not progress)
     for offset in offsets:
         ds.frame_offset = offset
         for batch in loader(ds, cfg.data.batch_size, cfg.data.workers, shuffle=False, seed=cfg.seed):
+            bar.update(len(batch["key"]))
             batch = to_device(batch, device)
             with autocast():
                 res = model(batch)
@@ -161,6 +166,7 @@ def predict(cfg: FinetuneConfig, model: FinetuneModel, ds: SubjectDataset, stats
                 out.setdefault("view", []).append(batch["view"].cpu().numpy())
             if task != "segmentation":
                 out["features"].append(res["features"].float().cpu().numpy())
+    bar.close()
     ds.frame_offset = 0
     model.train()
     if task == "segmentation":
@@ -195,6 +201,12 @@ def _assemble_segmentation(out: dict, ds: SubjectDataset, seg_dir: Optional[Path
     frames_scored = done.all(axis=0)  # frames every subject has (all T, or the 5 of one pass)
     return {"key": out["key"], "pred": pred[:, :, frames_scored], "true": true[:, :, frames_scored], "valid": valid,
             "images": np.concatenate(images), "frames_scored": int(frames_scored.sum()), "frames_stored": T}
+
+
+# the validation metric that picks the best epoch, by name (console, TensorBoard `val/<name>`): `score`'s
+# "primary" times the sign (phenotypes: primary is minus the mean over targets of MAE / training std)
+PRIMARY_METRIC = {"phenotypes": ("mae_over_sd_mean", -1.0), "diseases": ("ap_mean", 1.0),
+                  "segmentation": ("volume_dice_mean", 1.0), "modality_view": ("accuracy_mean", 1.0)}
 
 
 def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, spacing=None,
@@ -354,6 +366,7 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
     n_train = len(data["train"])
     steps_per_epoch = max(1, len(loader(data["train"], cfg.data.batch_size, 0, True, cfg.seed)))
     t0 = time.perf_counter()
+    epochs_total = sum(e for e, _, _ in phases)  # at most: early stopping may end sooner
     for phase, (epochs, encoder_trainable, enc_scale) in enumerate(phases):
         for prm in model.encoder.parameters():
             prm.requires_grad_(encoder_trainable)
@@ -383,8 +396,10 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
                    "val_primary": val["primary"], "seconds": time.perf_counter() - t0}
             log.write(json.dumps(row) + "\n")
             log.flush()
+            name, sign = PRIMARY_METRIC[cfg.task.name]
             writer.add_scalar("train/loss", row["train_loss"], epoch)
-            writer.add_scalar("val/primary", val["primary"], epoch)
+            writer.add_scalar("train/lr", sched.get_last_lr()[-1], epoch)
+            writer.add_scalar(f"val/{name}", sign * val["primary"], epoch)
             improved = not math.isnan(val["primary"]) and val["primary"] > best
             if improved or best_epoch < 0:
                 best, best_epoch, since_best = (val["primary"] if improved else best), epoch, 0
@@ -395,8 +410,10 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
             else:
                 since_best += 1
             if progress:
-                print(f"[finetune] {cfg.task.name} epoch {epoch} (phase {phase}) loss {row['train_loss']:.4f} "
-                      f"val {val['primary']:.4f}" + (" *" if best_epoch == epoch else ""), flush=True)
+                print(f"[finetune] {cfg.task.name} epoch {epoch + 1}/{epochs_total} (phase {phase}) loss "
+                      f"{row['train_loss']:.4f} val {name} {sign * val['primary']:.4f}"
+                      + (" (best)" if best_epoch == epoch else "")
+                      + f" {eta(row['seconds'], epoch + 1, epochs_total)}".rstrip(), flush=True)
             epoch += 1
             if since_best >= cfg.optim.patience:
                 break
@@ -425,6 +442,9 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
               "seconds": time.perf_counter() - t0}
     if cfg.task.name == "diseases":
         result["phenotype_reference"] = phenotype_reference(cfg, data)
+    if cfg.task.name == "phenotypes":  # what `finetune predict` de-normalises the head's output with
+        result["target_stats"] = {"mean": np_stats["mean"].tolist(), "std": np_stats["std"].tolist()}
+    result["data"] = training_data(cfg.data.dataset)  # conversion settings: predict preprocesses raw input alike
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, default=float))
     write_predictions(cfg, out_dir, data["test"], test_pred, thresholds)
     write_outputs(cfg, out_dir, result, test_pred)
@@ -432,7 +452,7 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
 
 def write_predictions(cfg: FinetuneConfig, out_dir: Path, ds: SubjectDataset, pred: dict,
-                      thresholds: Optional[dict]) -> Path:
+                      thresholds: Optional[dict], extra: Optional[dict[str, list]] = None) -> Path:
     """Per-subject test predictions a user can open: `predictions.csv` (the key — the eid for UK Biobank — and
     per phenotype the prediction and truth in original units; per disease the probability, the validation-chosen
     threshold, the decision and the label; per k-space sequence modality and view), and for segmentation one
@@ -460,7 +480,7 @@ def write_predictions(cfg: FinetuneConfig, out_dir: Path, ds: SubjectDataset, pr
                         "view_true": VIEWS[pred["view"][i]] if ok else ""})
         else:
             row["files"] = ";".join(str(p.relative_to(out_dir)) for p in _write_seg_nifti(out_dir, ds, pred, i))
-        rows.append(row)
+        rows.append(row | {k: v[i] for k, v in (extra or {}).items()})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["key"], lineterminator="\n")
     writer.writeheader()

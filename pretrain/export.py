@@ -31,6 +31,17 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def training_data(dataset) -> dict | None:
+    """{"dataset": kind, "preprocess": the conversion settings} of the run's training dataset, from its manifest:
+    what `finetune.api.Encoder.preprocess` needs to turn a raw subject into the samples the encoder saw. None when
+    the manifest is not readable (a moved dataset): the export then says nothing rather than something wrong."""
+    try:
+        manifest = json.loads((Path(dataset) / "manifest.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return {"dataset": manifest.get("dataset"), "preprocess": (manifest.get("config") or {}).get("preprocess")}
+
+
 def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -52,7 +63,8 @@ def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     with atomic_path(out / "encoder.safetensors") as tmp:
         save_file(encoder, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     atomic_write_text(out / "encoder_config.yaml", yaml.safe_dump(
-        {"model": config_to_dict(cfg.model), **meta, "provenance": provenance(cfg, meta)}, sort_keys=False))
+        {"model": config_to_dict(cfg.model), **meta, "provenance": provenance(cfg, meta),
+         "data": training_data(cfg.data.dataset)}, sort_keys=False))
     return out / "encoder.safetensors"
 
 
@@ -91,7 +103,8 @@ def load_encoder(path: str | Path):
                  if k.startswith("encoder.")}
         arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
         meta = {"stage": cfg.stage, "architecture": arch, "checkpoint": tag, "run": str(path.resolve()),
-                "provenance": provenance(cfg, {"stage": cfg.stage, "run": str(path.resolve()), "checkpoint": tag})}
+                "provenance": provenance(cfg, {"stage": cfg.stage, "run": str(path.resolve()), "checkpoint": tag}),
+                "data": training_data(cfg.data.dataset)}
         vit = cfg.model
     else:
         if path.is_dir():

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_prep.config import ConfigError, dump_config, save_resolved_config
+from data_prep.config import ConfigError, dump_config, eta, save_resolved_config
 from data_prep.format import read_dataset_manifest
 from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
@@ -328,6 +328,7 @@ def train(cfg: PretrainConfig) -> dict:
     batches = iter(loader)
     eval_cache: dict = {}
     t_last, wait, n_last = time.perf_counter(), 0.0, 0
+    t_start, step_start = t_last, step  # the ETA: this process's pace (a resumed run counts from its resume)
 
     # --- the loop ---
     while step < total_steps:
@@ -368,7 +369,8 @@ def train(cfg: PretrainConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, step)
                 print(f"[pretrain] step {step}/{total_steps} loss {row['loss']:.4f} {quality} {row[quality]:.3f} "
                       f"lr {row['lr']:.2e} {sps:.1f} samples/s data-wait {100 * row['data_wait']:.0f}%"
-                      + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
+                      + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else "")
+                      + f" {eta(now - t_start, step - step_start, total_steps - step_start)}".rstrip(), flush=True)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
             val = evaluate(cfg, engine.module, manifest, device, dtype, eval_cache)
             if rank == 0 and val:

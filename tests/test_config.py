@@ -204,3 +204,11 @@ def test_argparse_helpers(tmp_path):
     add_config_arguments(parser, default_config=p)
     assert "section.key=value" in parser.format_help()
     assert config_from_args(RunConfig, parser.parse_args([])).out_dir == Path("/tmp/run")
+
+
+def test_eta_from_the_pace_so_far():
+    from data_prep.config import eta
+
+    assert eta(10.0, 1, 10) == "eta 1m30s"  # 9 units left at 10 s each
+    assert eta(3600.0, 1, 3) == "eta 2h00m" and eta(1.0, 2, 4) == "eta 1s"
+    assert eta(5.0, 0, 10) == "" and eta(5.0, 10, 10) == ""  # nothing to extrapolate from / nothing left

@@ -46,6 +46,13 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
     pytest.fail(f"processes of the interrupted make still running after {timeout} s")
 
 
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _steps(run: Path) -> list[int]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows if "split" not in r]
@@ -118,6 +125,61 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     spacing = json.loads((demo / "data/ukb/manifest.json").read_text())["config"]["preprocess"]
     assert img.shape[:3] == (32, 32, 1)
     assert abs(np.linalg.norm(img.affine[:3, :2], axis=0) - spacing["fov_mm"] / spacing["crop"]).max() < 1e-3
+
+    # the README's Python API example, run as written on this demo (its paths pointed here)
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("### From Python"):]
+    code = block[block.index("```python\n") + 10:block.index("\n```", block.index("```python"))]
+    ns: dict = {}
+    exec(compile(code.replace('"runs/demo', f'"{demo}'), "README.md (From Python)", "exec"), ns)
+    from data_prep.format import StoreReader
+    from pretrain.data import select_frames
+
+    subject = sorted((demo / "cohort/ukb").iterdir())[0].name
+    reader = StoreReader(demo / "data/ukb")
+    stored = np.asarray(reader.group["image"][reader.rows[subject]])
+    assert np.array_equal(ns["image"], stored)  # the conversion's sample, bit for bit
+    enc = ns["enc"]
+    assert ns["z"].shape == (enc.vit.dim,) and enc.meta["stage"] == "tabular_clip"
+    import torch
+
+    frames = select_frames(stored.shape[1], enc.vit.frames)
+    with torch.no_grad():
+        direct = enc.module.forward_features(torch.from_numpy(stored[None, :, frames]).float()).mean(1)[0]
+    np.testing.assert_allclose(ns["z"], direct.numpy(), rtol=1e-5, atol=1e-6)
+
+    # finetune predict: on the converted test split the rows are the run's own; on a raw NIfTI subject the same
+    # phenotypes as from its stored sample; segmentation back in the input's geometry
+    def predict(model: str, source: Path, out: Path, *extra: str) -> list[dict]:
+        res = subprocess.run([sys.executable, "-m", "finetune", "predict", "--model", str(demo / model), "--input",
+                              str(source), "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return csv_rows(out / "predictions.csv")
+
+    own = {r["key"]: r for r in csv_rows(demo / "finetune/diseases/predictions.csv")}
+    rows = predict("finetune/diseases", demo / "data/ukb", tmp_path / "pred_dis", "--split", "test")
+    assert {r["key"] for r in rows} == set(own) and all(r["split"] == "test" for r in rows)
+    for r in rows:
+        mine = own[r["key"]]
+        assert set(r) - {"split"} == set(mine)
+        for k, v in mine.items():  # the same model on the same samples: probabilities to float precision
+            assert (abs(float(r[k]) - float(v)) < 1e-6) if k.endswith("_probability") else r[k] == v, (k, r[k], v)
+    pheno = {r["key"]: r for r in csv_rows(demo / "finetune/phenotypes/vita/predictions.csv")}
+    key = sorted(pheno)[0]
+    (raw,) = predict("finetune/phenotypes/vita", demo / "cohort/ukb" / key, tmp_path / "pred_raw")
+    assert raw["key"] == key and raw["error"] == ""
+    for t in ("LVEDV", "RVEF"):
+        got, want = float(raw[f"{t}_pred"]), float(pheno[key][f"{t}_pred"])
+        assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (t, got, want)
+    predict("finetune/segmentation", demo / "cohort/ukb" / key, tmp_path / "pred_seg")
+    for view in ("sa", "la_2ch", "la_3ch", "la_4ch"):
+        got, given = nib.load(tmp_path / "pred_seg/predictions" / key / f"seg_{view}.nii.gz"), nib.load(
+            demo / "cohort/ukb" / key / f"{view}.nii.gz")
+        assert got.shape == given.shape and np.allclose(got.affine, given.affine)
+    kept = reader.meta(key)["sa_slices"]
+    sa = np.asarray(nib.load(tmp_path / "pred_seg/predictions" / key / "seg_sa.nii.gz").dataobj)
+    assert {k for k in range(sa.shape[2]) if sa[:, :, k].any()} <= set(kept)
 
     # a third run has nothing left to do
     third = subprocess.run(_make(demo, "-q", str(demo / "report.md")), cwd=ROOT, capture_output=True, text=True)

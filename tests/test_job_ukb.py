@@ -85,6 +85,18 @@ def test_dicom_layout_and_duplicates(tiny_cohort, tmp_path, ray_cluster):
     reader = StoreReader(cfg.job.out)
     sources = {k: reader.meta(k)["source"] for k in reader.keys()}
     assert sources[nifti_eid] == "nifti" and sorted(set(sources.values())) == ["dicom", "nifti"]
+    # the Python API's preprocessing (finetune.api) from either layout is, bit for bit, the sample stored
+    from finetune.api import preprocess_study
+
+    settings = json.loads((cfg.job.out / "manifest.json").read_text())["config"]["preprocess"]
+    for key in reader.keys():
+        given = src / key if sources[key] == "nifti" else (src / f"{key}_20209_2_0.zip", src / f"{key}_20208_2_0.zip")
+        image, meta = preprocess_study(given, settings)
+        stored = np.asarray(reader.group["image"][reader.rows[key]])
+        assert image.dtype == stored.dtype and np.array_equal(image, stored), key
+        assert meta["source"] == sources[key]
+    with pytest.raises(Exception, match="neither a NIfTI folder"):
+        preprocess_study(tmp_path, settings)
 
 
 def _clone(src_dir: Path, dst_root: Path, eid: str) -> Path:

@@ -14,7 +14,9 @@ from data_prep.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_prep", "pretrain", "finetune", "cluster")
 # the light, ray-free data_prep modules that training code may use (the GPU machine cannot install ray)
-TRAINING_MAY_IMPORT_FROM_DATA_PREP = {"data_prep", "data_prep.format", "data_prep.config", "data_prep.fsutil"}
+# (and the finetune API the UK Biobank readers and preprocessing: the conversion's own code, never a second copy)
+TRAINING_MAY_IMPORT_FROM_DATA_PREP = {"data_prep", "data_prep.format", "data_prep.config", "data_prep.fsutil",
+                                      "data_prep.sources", "data_prep.sources.ukb_nifti", "data_prep.preprocess_ukb"}
 ALLOWED = {
     "data_prep": {"data_prep"},
     "pretrain": {"pretrain", "data_prep"},

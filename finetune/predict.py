@@ -1,0 +1,249 @@
+"""`python -m finetune predict`: a fine-tuned model (a `finetune train` run directory) on new subjects.
+
+    python -m finetune predict --model runs/demo/finetune/segmentation --input SUBJECTS --out DIR
+
+`--input` is a converted dataset (its `--split`, default every split: the run's own prediction code and CSV
+writer, so the rows equal the run's test predictions) or raw UK Biobank subjects: one ukbb_cardiac NIfTI folder,
+a folder of them, or a folder of `<eid>_20209_2_0.zip` / `<eid>_20208_2_0.zip` pairs, preprocessed exactly as the
+run's training dataset was converted (`finetune.api.preprocess_study`). Writes `predictions.csv` (phenotypes in
+original units; each disease's probability, the run's validation-chosen threshold and the decision) and, for
+segmentation, the label maps as NIfTI: for a dataset on the stored planes' grid, for raw subjects in the input's
+own geometry (`predictions/<eid>/seg_<view>.nii.gz`, the input's shape and affine, nearest neighbour through the
+stored plane's affine; short-axis slices that were not kept stay 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.config import load_config
+from data_prep.fsutil import atomic_path, atomic_write_text
+from finetune.config import FinetuneConfig
+from finetune.models import FinetuneModel
+
+SPLITS = ("train", "val", "test")
+
+
+def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, FinetuneModel, dict]:
+    """A `finetune train` run: (its config, the model with its best weights in eval mode, its metrics.json)."""
+    from safetensors.torch import load_file
+
+    from finetune.train import build_model
+
+    run = Path(run)
+    missing = [n for n in ("config.yaml", "best.safetensors", "metrics.json") if not (run / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a finished fine-tuning run (no {', '.join(missing)})")
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    result = json.loads((run / "metrics.json").read_text())
+    if cfg.task.name == "modality_view":
+        raise ValueError(f"{run}: predict serves the UK Biobank tasks; modality / view runs are scored by "
+                         "`finetune train` on a converted k-space dataset")
+    n_out = len(cfg.task.targets) if cfg.task.name == "phenotypes" else len(cfg.task.diseases)
+    model, _ = build_model(cfg, n_out)
+    model.load_state_dict(load_file(str(run / "best.safetensors")))
+    return cfg, model.to(torch.device(device)).eval(), result
+
+
+def _stats(cfg: FinetuneConfig, result: dict) -> dict:
+    """The phenotype targets' training mean / std (de-normalising the head's output), as the run saved them."""
+    if cfg.task.name != "phenotypes":
+        return {"mean": None, "std": None}
+    if "target_stats" not in result:
+        from finetune.data import SubjectDataset
+        from finetune.train import target_stats
+
+        mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", "phenotypes", cfg.model, train=False,
+                                                seed=cfg.seed, targets=cfg.task.targets))
+        return {"mean": mean, "std": std}
+    return {k: np.asarray(v, np.float64) for k, v in result["target_stats"].items()}
+
+
+def find_subjects(path: str | Path) -> list[tuple[str, object]]:
+    """(key, source) of every raw subject under `path`: the folder itself when it is a NIfTI subject folder,
+    else its NIfTI subject folders and its (20209, 20208) zip pairs of instance 2, by eid."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    if (path / "sa.nii.gz").is_file() or (path / "sa.nii").is_file():
+        return [(path.name, path)]
+    found = {d.name: d for d in sorted(path.iterdir()) if d.is_dir() and ((d / "sa.nii.gz").is_file()
+                                                                          or (d / "sa.nii").is_file())}
+    for sa in sorted(path.glob("*_20209_2_0.zip")):
+        eid = sa.name.split("_")[0]
+        la = path / f"{eid}_20208_2_0.zip"
+        if la.is_file() and eid not in found:
+            found[eid] = (sa, la)
+    if not found:
+        raise FileNotFoundError(f"{path}: no subjects (neither NIfTI folders with sa.nii.gz nor "
+                                "<eid>_20209_2_0.zip / <eid>_20208_2_0.zip pairs)")
+    return sorted(found.items())
+
+
+@torch.no_grad()
+def _run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) -> dict[str, torch.Tensor]:
+    """The model on one stored-format image (P, T, S, S): the heads' outputs at the encoder's frames, or for
+    segmentation label maps (P, T, S, S) over every stored frame (T / frames shifted passes; a frame no pass
+    covers takes its nearest covered frame)."""
+    from pretrain.data import select_frames
+
+    x = torch.from_numpy(np.asarray(image, np.float32))
+    T, F = x.shape[1], model.vit.frames
+    if cfg.task.name != "segmentation":
+        return model({"image": x[None, :, select_frames(T, F)]})
+    labels, covered = torch.zeros((x.shape[0], T) + x.shape[2:], dtype=torch.uint8), np.zeros(T, bool)
+    for offset in range(max(1, T // F)):
+        frames = select_frames(T, F, offset)
+        labels[:, frames] = model({"image": x[None, :, frames]})["seg"][0].argmax(2).byte()
+        covered[frames] = True
+    idx = np.flatnonzero(covered)
+    nearest = idx[np.abs(np.arange(T)[:, None] - idx[None]).argmin(1)]
+    return {"seg": labels[:, nearest]}
+
+
+def seg_to_input(labels: np.ndarray, stored_affine: np.ndarray, input_affine: np.ndarray,
+                 input_shape: tuple[int, int], k: int) -> np.ndarray:
+    """One stored plane's label maps (T, S, S) on slice `k` of the input grid (X, Y) -> (X, Y, T): every input
+    pixel takes the label of the nearest stored pixel through the two affines (0 outside the stored crop)."""
+    X, Y = input_shape
+    T, S = labels.shape[0], labels.shape[1]
+    ii, jj = np.meshgrid(np.arange(X), np.arange(Y), indexing="ij")
+    ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)]).astype(np.float64)
+    st = np.linalg.solve(stored_affine, input_affine @ ijk)  # input voxel -> RAS -> stored voxel
+    si, sj = np.rint(st[0]).astype(np.int64), np.rint(st[1]).astype(np.int64)
+    inside = (si >= 0) & (si < S) & (sj >= 0) & (sj < S) & (np.abs(st[2]) < 0.5)
+    out = np.zeros((X * Y, T), np.uint8)
+    out[inside] = labels[:, si[inside], sj[inside]].T
+    return out.reshape(X, Y, T)
+
+
+def _write_input_segmentation(out_dir: Path, key: str, study, meta: dict, labels: np.ndarray) -> list[Path]:
+    """The label maps of every plane back on the input's views: one NIfTI per view (the input's shape and
+    affine; the short-axis stack holds the kept slices, the others stay 0)."""
+    import nibabel as nib
+
+    sa_slices = dict(zip([n for n in meta["planes"] if n.startswith("sa_")], meta["sa_slices"]))
+    volumes: dict[str, np.ndarray] = {}
+    for p, name in enumerate(meta["planes"]):
+        view, k = ("sa", sa_slices[name]) if name in sa_slices else (name, 0)
+        shape = study.pixels[view].shape
+        vol = volumes.setdefault(view, np.zeros(shape, np.uint8))
+        vol[:, :, k, :] = seg_to_input(labels[p], np.asarray(meta["plane_affines"][name], np.float64),
+                                       study.affines[view], shape[:2], k)
+    paths = []
+    for view, vol in volumes.items():
+        img = nib.Nifti1Image(vol, study.affines[view])
+        img.set_qform(study.affines[view], code=1)
+        img.set_sform(study.affines[view], code=1)
+        img.header.set_xyzt_units("mm", "msec")
+        img.header["pixdim"][4] = study.frame_interval_ms
+        path = out_dir / "predictions" / key / f"seg_{view}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+        paths.append(path)
+    return paths
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["key"]
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subjects: list[tuple[str, object]],
+                out_dir: Path, progress: bool = True) -> Path:
+    """Raw subjects -> predictions.csv (+ NIfTI); a subject that cannot be read or preprocessed gets a row with
+    its error and the others go on (the counts in the last line reconcile)."""
+    from tqdm import tqdm
+
+    from finetune.api import preprocess_study, read_study
+    from pretrain.export import training_data
+
+    data = result.get("data") or training_data(cfg.data.dataset)
+    if not data or not data.get("preprocess"):
+        raise ValueError(f"{cfg.data.dataset}: the run's training dataset (its conversion settings) is not "
+                         "readable, so raw subjects cannot be preprocessed as it was")
+    stats, thresholds = _stats(cfg, result), result.get("thresholds") or {}
+    rows, failed = [], 0
+    for key, source in tqdm(subjects, desc="predict", unit="subject", disable=not progress):
+        row: dict = {"key": key, "error": ""}
+        try:
+            study = read_study(source)
+            image, meta = preprocess_study(study, data["preprocess"])
+        except Exception as e:  # noqa: BLE001 — the subject is reported and skipped, the batch goes on
+            failed += 1
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"})
+            continue
+        res = _run_subject(cfg, model, image)
+        if cfg.task.name == "phenotypes":
+            pred = res["targets"][0].double().numpy() * stats["std"] + stats["mean"]
+            row.update({f"{t}_pred": float(v) for t, v in zip(cfg.task.targets, pred)})
+        elif cfg.task.name == "diseases":
+            prob = torch.sigmoid(res["logits"][0].float()).numpy()
+            for d, pr in zip(cfg.task.diseases, prob):
+                thr = float(thresholds.get(d, 0.5))
+                row.update({f"{d}_probability": float(pr), f"{d}_threshold": thr, f"{d}_predicted": int(pr >= thr)})
+        else:
+            paths = _write_input_segmentation(out_dir, key, study, meta, res["seg"].numpy())
+            row["files"] = ";".join(str(p.relative_to(out_dir)) for p in paths)
+        rows.append(row)
+    path = out_dir / "predictions.csv"
+    _write_csv(path, rows)
+    print(f"[finetune] predict: {len(subjects)} subjects, {len(subjects) - failed} predicted, {failed} failed "
+          f"(their rows name the reason); {path}")
+    return path
+
+
+def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dataset: Path, splits: tuple[str, ...],
+                    out_dir: Path) -> Path:
+    """A converted dataset's subjects of `splits` through the run's own prediction code and CSV writer."""
+    from finetune.data import SubjectDataset
+    from finetune.train import bf16_autocast, predict, write_predictions
+
+    stats = _stats(cfg, result)
+    device = next(model.parameters()).device
+    use_bf16 = bf16_autocast(cfg, device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    preds, keys_split, first = [], [], None
+    for split in splits:
+        ds = SubjectDataset(dataset, split, cfg.task.name, model.vit, train=False, seed=cfg.seed,
+                            targets=cfg.task.targets if cfg.task.name == "phenotypes" else [],
+                            diseases=cfg.task.diseases)
+        if not len(ds):
+            continue
+        first = ds if first is None else first
+        preds.append(predict(cfg, model, ds, stats, device, autocast, all_frames=cfg.data.eval_all_frames,
+                             progress=True))
+        keys_split += [split] * len(ds)
+    if first is None:
+        raise ValueError(f"{dataset}: no subjects in the split(s) {list(splits)}")
+    fields = {"phenotypes": ("pred", "true"), "diseases": ("score", "label"), "segmentation": ("pred",)}
+    pred = {"key": [k for p in preds for k in p["key"]],
+            **{f: np.concatenate([p[f] for p in preds]) for f in fields[cfg.task.name]}}
+    path = write_predictions(cfg, out_dir, first, pred, result.get("thresholds"), extra={"split": keys_split})
+    print(f"[finetune] predict: {len(pred['key'])} subjects of {dataset} ({', '.join(splits)}); {path}")
+    return path
+
+
+def predict_input(run: str | Path, source: str | Path, out: str | Path, split: str = "all",
+                  device: str = "cpu", progress: bool = True) -> Path:
+    """`finetune predict`: a converted dataset (a folder with manifest.json) or raw subjects."""
+    cfg, model, result = load_finetuned(run, device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (Path(source) / "manifest.json").is_file():
+        return predict_dataset(cfg, model, result, Path(source), SPLITS if split == "all" else (split,), out_dir)
+    return predict_raw(cfg, model, result, find_subjects(source), out_dir, progress)
