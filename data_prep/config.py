@@ -253,19 +253,26 @@ def _set_override(raw: dict, override: str) -> str:
     return key
 
 
+# the checkout (or source install) holding `configs/`: a relative config path not found in the working directory is
+# looked up here, so `python -m pretrain train --config configs/pretrain/...` works from any directory
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``cls`` from the YAML mapping at ``path`` (None: defaults only) plus
     ``section.key=value`` overrides (applied to the raw mapping, later ones win)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).is_file():
+            path = PROJECT_ROOT / path  # `configs/...` from outside the checkout: the project's own file
         try:
             with open(path, encoding="utf-8") as f:  # a stream, so YAML errors show the file name
                 loaded = yaml.load(f, Loader=_UniqueKeyLoader)
         except OSError as e:
             where = "" if path.is_absolute() else (f" (relative paths are read from the current directory, "
-                                                   f"{Path.cwd()}: run from the repository root or give an "
-                                                   "absolute path)")
+                                                   f"{Path.cwd()}, then from the project, {PROJECT_ROOT}: give "
+                                                   "an absolute path)")
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}{where}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from e

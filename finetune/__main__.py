@@ -3,6 +3,7 @@ disease classification under class imbalance, all-plane segmentation, modality /
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from data_prep.config import add_show_config_command, cli_parser, config_from_args, run_cli
@@ -98,7 +99,7 @@ def _demo_report(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser, sub = cli_parser("python -m finetune", __doc__, EPILOG)
     from data_prep.config import add_config_arguments
 
@@ -156,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", default="runs/demo", help="the demo directory (default runs/demo)")
     p.set_defaults(func=_demo_report)
     add_show_config_command(sub, FinetuneConfig, "configs/finetune/vita_phenotypes.yaml")
-    return run_cli(parser, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -302,8 +302,8 @@ def phenotype_reference(cfg: FinetuneConfig, data: dict[str, SubjectDataset], c:
     per = {}
     for j, d in enumerate(cfg.task.diseases):
         known = y_fit[:, j] >= 0
-        if len(np.unique(y_fit[known, j])) < 2:
-            score = np.full(len(z_test), np.nan)
+        if len(np.unique(y_fit[known, j])) < 2:  # one class in training: nothing to learn, the prevalence
+            score = np.full(len(z_test), float(y_fit[known, j].mean()) if known.any() else 0.0)
         else:
             clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(z_fit[known], y_fit[known, j])
             score = clf.predict_proba(z_test)[:, 1]

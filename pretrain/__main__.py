@@ -44,7 +44,7 @@ def _export(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser, sub = cli_parser("python -m pretrain", __doc__, EPILOG)
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment is what we use
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", help="output directory (default: the run directory)")
     e.set_defaults(func=_export)
     add_show_config_command(sub, PretrainConfig, "configs/pretrain/vita_stage1.yaml")
-    return run_cli(parser, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

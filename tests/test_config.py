@@ -212,3 +212,18 @@ def test_eta_from_the_pace_so_far():
     assert eta(10.0, 1, 10) == "eta 1m30s"  # 9 units left at 10 s each
     assert eta(3600.0, 1, 3) == "eta 2h00m" and eta(1.0, 2, 4) == "eta 1s"
     assert eta(5.0, 0, 10) == "" and eta(5.0, 10, 10) == ""  # nothing to extrapolate from / nothing left
+
+
+def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    """`--config configs/...` from outside the checkout reads the project's file; a relative path that exists in
+    the working directory wins; a missing one names both places it looked."""
+    from data_prep.config import ConfigError, load_config
+    from pretrain.config import PretrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(PretrainConfig, "configs/pretrain/vita_stage1_tiny.yaml").stage == "mae"
+    (tmp_path / "configs/pretrain").mkdir(parents=True)
+    (tmp_path / "configs/pretrain/vita_stage1_tiny.yaml").write_text("stage: tabular_clip\n")
+    assert load_config(PretrainConfig, "configs/pretrain/vita_stage1_tiny.yaml").stage == "tabular_clip"
+    with pytest.raises(ConfigError, match="current directory.*then from the project"):
+        load_config(PretrainConfig, "configs/pretrain/nope.yaml")

@@ -372,4 +372,8 @@ def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
     ref = phenotype_reference(cfg, {"train": split(80), "test": split(60)})
     assert ref["per_disease"]["hf"]["auroc"] > 0.85  # 0.92 measured; chance 0.5
     assert ref["per_disease"]["hf"]["n"] == 60 - len(range(0, 60, 7))
-    assert math.isnan(ref["per_disease"]["never"]["auroc"])
+    assert math.isnan(ref["per_disease"]["never"]["auroc"])  # one class in the test split too
+    one_class = split(60)
+    one_class.diseases_table()[:, 0] = 0  # no positive in training: the prevalence, scored like mean-guess
+    ref = phenotype_reference(cfg, {"train": one_class, "test": split(60)})
+    assert ref["per_disease"]["hf"]["auroc"] == 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from data_prep.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("data_prep", "pretrain", "finetune", "cluster")
+PACKAGES = ("data_prep", "pretrain", "finetune", "cluster")  # (+ cmrfm: the console command over all four)
 # the light, ray-free data_prep modules that training code may use (the GPU machine cannot install ray)
 # (and the finetune API the UK Biobank readers and preprocessing: the conversion's own code, never a second copy)
 TRAINING_MAY_IMPORT_FROM_DATA_PREP = {"data_prep", "data_prep.format", "data_prep.config", "data_prep.fsutil",
@@ -120,3 +121,51 @@ def test_config_cli_reports_bad_keys_and_types():
     assert bad.returncode == 2 and "optim.lrr" in bad.stderr and "optim.lr" in bad.stderr
     bad = subprocess.run(cmd + ["train.zero_stage=4"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "train.zero_stage" in bad.stderr
+
+
+def _examples(package: str) -> list[list[str]]:
+    """The command lines of a package's `--help` examples (continuations joined, trailing comments dropped), as
+    arguments after `-m PACKAGE` / `--module PACKAGE`; lines with a `...` placeholder are left out."""
+    import importlib
+    import shlex
+
+    epilog = importlib.import_module(f"{package}.__main__").EPILOG
+    text = epilog.split("examples:", 1)[1].replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = re.split(r"\s#|\s{3,}\(|\s{3,}#", line)[0].strip()
+        if f"-m {package} " not in line + " " and f"--module {package} " not in line + " ":
+            continue  # prose between the examples
+        words = shlex.split(line)
+        for i, w in enumerate(words[:-1]):
+            if w in ("-m", "--module") and words[i + 1] == package and "..." not in words:
+                out.append(words[i + 2:])
+    return out
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_help_examples_parse_and_their_configs_validate(package):
+    """Every example in `python -m PACKAGE --help` parses, and where it names a config and overrides, they load
+    against the command's schema (an example with a wrong key, such as run.out_dir, fails here)."""
+    import importlib
+
+    from data_prep.jobs.kspace import KSpaceJobConfig
+    from data_prep.jobs.ukb import UKBJobConfig
+    from data_prep.synth.cohort import SynthConfig
+    from finetune.config import FinetuneConfig
+    from finetune.scaling import ScalingConfig
+    from pretrain.config import PretrainConfig
+
+    schemas = {("finetune", c): FinetuneConfig for c in ("train", "compare", "probe", "config")} | {
+        ("finetune", "scaling"): ScalingConfig, ("pretrain", "train"): PretrainConfig,
+        ("pretrain", "config"): PretrainConfig, ("data_prep", "synth"): SynthConfig,
+        ("data_prep", "ukb"): UKBJobConfig, ("data_prep", "kspace"): KSpaceJobConfig}
+    examples = _examples(package)
+    assert len(examples) >= 3, examples
+    parser = importlib.import_module(f"{package}.__main__").build_parser()
+    for argv in examples:
+        args = parser.parse_args(argv)  # an unknown option or subcommand exits here
+        schema = schemas.get((package, argv[0]))
+        if schema is not None and getattr(args, "overrides", None) is not None:
+            overrides = [o for o in args.overrides if "=" in o]
+            load_config(schema, getattr(args, "config", None), overrides)

@@ -34,7 +34,7 @@ class KSpaceJobConfig:
     max_frames: int = 32  # Zarr capacity per sequence; longer sequences are quarantined with the reason
     max_slices: int = 24
     fully_sampled_only: bool = True  # skip AccFactor (undersampled) folders
-    job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("runs/demo/data/kspace"), block_size=64))
+    job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("data/kspace/converted"), block_size=64))
 
     def __post_init__(self) -> None:
         if not self.readout_oversampling >= 1.0:

@@ -33,7 +33,7 @@ class UKBJobConfig:
     tabular: Optional[Path] = None  # the UK Biobank CSV export; None: images only
     features: Path = Path("configs/data_prep/ukb_features.yaml")
     layout: Literal["auto", "nifti", "dicom"] = "auto"
-    job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("runs/demo/data/ukb")))
+    job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("data/ukb/converted")))
     preprocess: UKBPreprocessConfig = field(default_factory=UKBPreprocessConfig)
 
 

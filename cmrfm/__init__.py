@@ -1,0 +1,1 @@
+"""cmrfm: cardiac-MRI foundation models. One command, `cmrfm`, over the four packages (see `cmrfm.cli`)."""
