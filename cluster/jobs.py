@@ -258,7 +258,7 @@ def _head_ip(n_nodes: int) -> str:
     except OSError:
         ip = ""
     if not ip or ip.startswith("127."):
-        from ray._private.services import get_node_ip_address
+        from ray.util import get_node_ip_address  # the public API (ray._private is not)
 
         ip = get_node_ip_address()
     return ip

@@ -253,8 +253,9 @@ def _set_override(raw: dict, override: str) -> str:
     return key
 
 
-# the checkout (or source install) holding `configs/`: a relative config path not found in the working directory is
-# looked up here, so `python -m pretrain train --config configs/pretrain/...` works from any directory
+# the checkout holding `configs/` (an installed wheel: site-packages, with the configs in cmrfm/configs): a relative
+# config path not found in the working directory is looked up here, so `--config configs/pretrain/...` works from
+# any directory
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -264,8 +265,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).is_file():
-            path = PROJECT_ROOT / path  # `configs/...` from outside the checkout: the project's own file
+        if not path.is_absolute() and not path.exists():  # `configs/...` from elsewhere: the project's own file
+            path = next((root / path for root in (PROJECT_ROOT, PROJECT_ROOT / "cmrfm") if (root / path).is_file()),
+                        path)
         try:
             with open(path, encoding="utf-8") as f:  # a stream, so YAML errors show the file name
                 loaded = yaml.load(f, Loader=_UniqueKeyLoader)
@@ -298,6 +300,21 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {config_to_dict(k): config_to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """{"section.key": value} of every leaf (None as "null", lists as their text): TensorBoard's hparams."""
+    out: dict[str, Any] = {}
+
+    def walk(x: Any, prefix: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = "null" if x is None else x if isinstance(x, (bool, int, float, str)) else str(x)
+
+    walk(config_to_dict(cfg), "")
+    return out
 
 
 def dump_config(cfg: Any) -> str:

@@ -1,5 +1,5 @@
-"""finetune: downstream heads on a pretrained encoder, metrics, reports — and the Python API (`Encoder`)."""
+"""finetune: downstream heads on a pretrained encoder, metrics, reports — and the Python API (`Encoder`, `Finetuned`)."""
 
-from finetune.api import Encoder
+from finetune.api import Encoder, Finetuned
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "Finetuned"]

@@ -125,3 +125,40 @@ class Encoder:
                for i in range(0, len(x), batch_size)]
         z = torch.cat(out).numpy()
         return z[0] if single else z
+
+
+@dataclass
+class Finetuned:
+    """A finished `finetune train` run (its best weights, target statistics and thresholds) as a predictor.
+
+        model = Finetuned.from_pretrained("runs/demo/finetune/phenotypes/vita")
+        model.predict(model.preprocess("runs/demo/cohort/ukb/1000001"))   # {"LVEDV": 151.2, ...}
+    """
+
+    cfg: object
+    model: nn.Module
+    result: dict
+
+    @classmethod
+    def from_pretrained(cls, run: str | Path, device: str | torch.device = "cpu") -> "Finetuned":
+        from finetune.predict import load_finetuned
+
+        return cls(*load_finetuned(run, device))
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task.name
+
+    def preprocess(self, source: Source) -> np.ndarray:
+        """One raw subject as the run's training dataset was converted (see `Encoder.preprocess`)."""
+        from finetune.predict import conversion_settings
+
+        return preprocess_study(source, conversion_settings(self.cfg, self.result))[0]
+
+    def predict(self, image: np.ndarray) -> dict:
+        """One stored-format image (P, T, S, S) -> phenotypes {name: value in original units}, diseases
+        {name: {"probability", "threshold", "predicted"}}, or segmentation {"labels": (P, T, S, S) uint8}: what
+        `finetune predict` writes (`predict.outputs`)."""
+        from finetune.predict import outputs, run_subject
+
+        return outputs(self.cfg, self.result, run_subject(self.cfg, self.model, image))

@@ -21,7 +21,7 @@ from pretrain.config import MetaCLIPConfig
 
 @torch.no_grad()
 def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split: str = "all",
-          batch_size: int = 8) -> Path:
+          batch_size: int = 8, progress: bool = True) -> Path:
     from pretrain.export import load_encoder
 
     encoder, vit, meta = load_encoder(encoder_path)
@@ -31,11 +31,14 @@ def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split:
     model = FinetuneModel(task, encoder, vit, n_out=1).eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
+    from tqdm import tqdm
+
     keys, splits, feats = [], [], []
     for s in (("train", "val", "test") if split == "all" else (split,)):
         ds = SubjectDataset(dataset, s, task, vit, train=False, seed=0,
                             kspace=MetaCLIPConfig(image_size=size) if task == "modality_view" else None)
-        for batch in loader(ds, batch_size, 0, shuffle=False, seed=0):
+        for batch in tqdm(loader(ds, batch_size, 0, shuffle=False, seed=0), desc=f"embed {s}", unit="batch",
+                          disable=not progress):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             feats.append(model.features(batch).float().cpu().numpy())
             keys += batch["key"]

@@ -65,6 +65,18 @@ def _stats(cfg: FinetuneConfig, result: dict) -> dict:
     return {k: np.asarray(v, np.float64) for k, v in result["target_stats"].items()}
 
 
+def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
+    """The conversion settings of the run's training dataset (saved in its metrics.json, else read from the
+    dataset's manifest): raw subjects are preprocessed with exactly these."""
+    from pretrain.export import training_data
+
+    data = result.get("data") or training_data(cfg.data.dataset)
+    if not data or not data.get("preprocess"):
+        raise ValueError(f"{cfg.data.dataset}: the run's training dataset (its conversion settings) is not "
+                         "readable, so raw subjects cannot be preprocessed as it was")
+    return data["preprocess"]
+
+
 def find_subjects(path: str | Path) -> list[tuple[str, object]]:
     """(key, source) of every raw subject under `path`: the folder itself when it is a NIfTI subject folder,
     else its NIfTI subject folders and its (20209, 20208) zip pairs of instance 2, by eid."""
@@ -87,7 +99,7 @@ def find_subjects(path: str | Path) -> list[tuple[str, object]]:
 
 
 @torch.no_grad()
-def _run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) -> dict[str, torch.Tensor]:
+def run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) -> dict[str, torch.Tensor]:
     """The model on one stored-format image (P, T, S, S): the heads' outputs at the encoder's frames, or for
     segmentation label maps (P, T, S, S) over every stored frame (T / frames shifted passes; a frame no pass
     covers takes its nearest covered frame)."""
@@ -105,6 +117,22 @@ def _run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) -
     idx = np.flatnonzero(covered)
     nearest = idx[np.abs(np.arange(T)[:, None] - idx[None]).argmin(1)]
     return {"seg": labels[:, nearest]}
+
+
+def outputs(cfg: FinetuneConfig, result: dict, res: dict[str, torch.Tensor]) -> dict:
+    """`run_subject`'s raw outputs as a user reads them: phenotypes {name: value in original units}, diseases
+    {name: {"probability", "threshold" (the run's, chosen on validation), "predicted"}}, segmentation
+    {"labels": (P, T, S, S) uint8}."""
+    if cfg.task.name == "phenotypes":
+        st = _stats(cfg, result)
+        values = res["targets"][0].double().numpy() * st["std"] + st["mean"]
+        return {t: float(v) for t, v in zip(cfg.task.targets, values)}
+    if cfg.task.name == "diseases":
+        thresholds = result.get("thresholds") or {}
+        prob = torch.sigmoid(res["logits"][0].float()).numpy()
+        return {d: {"probability": float(p), "threshold": float(thresholds.get(d, 0.5)),
+                    "predicted": int(p >= thresholds.get(d, 0.5))} for d, p in zip(cfg.task.diseases, prob)}
+    return {"labels": res["seg"].numpy()}
 
 
 def seg_to_input(labels: np.ndarray, stored_affine: np.ndarray, input_affine: np.ndarray,
@@ -167,34 +195,25 @@ def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subject
     from tqdm import tqdm
 
     from finetune.api import preprocess_study, read_study
-    from pretrain.export import training_data
 
-    data = result.get("data") or training_data(cfg.data.dataset)
-    if not data or not data.get("preprocess"):
-        raise ValueError(f"{cfg.data.dataset}: the run's training dataset (its conversion settings) is not "
-                         "readable, so raw subjects cannot be preprocessed as it was")
-    stats, thresholds = _stats(cfg, result), result.get("thresholds") or {}
+    settings = conversion_settings(cfg, result)
     rows, failed = [], 0
     for key, source in tqdm(subjects, desc="predict", unit="subject", disable=not progress):
         row: dict = {"key": key, "error": ""}
         try:
             study = read_study(source)
-            image, meta = preprocess_study(study, data["preprocess"])
+            image, meta = preprocess_study(study, settings)
         except Exception as e:  # noqa: BLE001 — the subject is reported and skipped, the batch goes on
             failed += 1
             rows.append({**row, "error": f"{type(e).__name__}: {e}"})
             continue
-        res = _run_subject(cfg, model, image)
+        out = outputs(cfg, result, run_subject(cfg, model, image))
         if cfg.task.name == "phenotypes":
-            pred = res["targets"][0].double().numpy() * stats["std"] + stats["mean"]
-            row.update({f"{t}_pred": float(v) for t, v in zip(cfg.task.targets, pred)})
+            row.update({f"{t}_pred": v for t, v in out.items()})
         elif cfg.task.name == "diseases":
-            prob = torch.sigmoid(res["logits"][0].float()).numpy()
-            for d, pr in zip(cfg.task.diseases, prob):
-                thr = float(thresholds.get(d, 0.5))
-                row.update({f"{d}_probability": float(pr), f"{d}_threshold": thr, f"{d}_predicted": int(pr >= thr)})
+            row.update({f"{d}_{k}": v for d, o in out.items() for k, v in o.items()})
         else:
-            paths = _write_input_segmentation(out_dir, key, study, meta, res["seg"].numpy())
+            paths = _write_input_segmentation(out_dir, key, study, meta, out["labels"])
             row["files"] = ";".join(str(p.relative_to(out_dir)) for p in paths)
         rows.append(row)
     path = out_dir / "predictions.csv"

@@ -242,7 +242,7 @@ def embeddings(cfg: ScalingConfig, run_dir: Path, split: str) -> tuple[list[str]
 
     path = run_dir / f"embeddings-{split}.npz"
     if not path.exists():
-        embed(run_dir, cfg.dataset, path, split=split, batch_size=cfg.probe.batch_size)
+        embed(run_dir, cfg.dataset, path, split=split, batch_size=cfg.probe.batch_size, progress=False)
     with np.load(path) as z:
         return [str(k) for k in z["keys"]], z["embeddings"].astype(np.float64)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.config import eta, save_resolved_config
+from data_prep.config import eta, flat_config, save_resolved_config
 from data_prep.format import LA_VIEWS, LABELS, MODALITIES, PHENOTYPES, SOURCE_LABEL_MAPS, VIEWS
 from data_prep.fsutil import atomic_path, atomic_write_text
 from finetune import figures, metrics, report
@@ -420,6 +420,8 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
         else:
             continue
         break  # early stopped
+    writer.add_hparams(flat_config(cfg), {"hparam/val_best": best if math.isfinite(best) else float("nan"),
+                                          "hparam/best_epoch": best_epoch}, run_name="hparams")
     writer.close()
     log.close()
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_prep.config import ConfigError, dump_config, eta, save_resolved_config
+from data_prep.config import ConfigError, dump_config, eta, flat_config, save_resolved_config
 from data_prep.format import read_dataset_manifest
 from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
@@ -329,6 +329,7 @@ def train(cfg: PretrainConfig) -> dict:
     eval_cache: dict = {}
     t_last, wait, n_last = time.perf_counter(), 0.0, 0
     t_start, step_start = t_last, step  # the ETA: this process's pace (a resumed run counts from its resume)
+    last_loss = float("nan")  # the last logged loss, for TensorBoard's hparams view
 
     # --- the loop ---
     while step < total_steps:
@@ -360,7 +361,7 @@ def train(cfg: PretrainConfig) -> dict:
                    "samples_per_s": sps, "tokens_per_s": sps * tokens, "data_wait": wait / (now - t_last),
                    "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
                    "mfu": (flops * sps / (peak * world)) if peak and flops else None}
-            t_last, wait, n_last = now, 0.0, samples
+            t_last, wait, n_last, last_loss = now, 0.0, samples, row["loss"]
             if rank == 0:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -391,6 +392,7 @@ def train(cfg: PretrainConfig) -> dict:
                 print(f"[pretrain] {stop.received or 'signal'}: checkpoint saved at step {step}, stopping", flush=True)
             break
     if rank == 0:
+        writer.add_hparams(flat_config(cfg), {"hparam/loss_last": last_loss}, run_name="hparams")
         writer.close()
         metrics.close()
     dist.barrier()

@@ -227,3 +227,19 @@ def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
     assert load_config(PretrainConfig, "configs/pretrain/vita_stage1_tiny.yaml").stage == "tabular_clip"
     with pytest.raises(ConfigError, match="current directory.*then from the project"):
         load_config(PretrainConfig, "configs/pretrain/nope.yaml")
+
+
+def test_flat_config_for_tensorboard_hparams(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from data_prep.config import flat_config
+    from pretrain.config import PretrainConfig
+
+    flat = flat_config(PretrainConfig())
+    assert flat["optim.lr"] == PretrainConfig().optim.lr and flat["checkpoint.init_from"] == "null"
+    assert flat["model.patch"] == str(list(PretrainConfig().model.patch))
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    w = SummaryWriter(str(tmp_path))
+    w.add_hparams(flat, {"hparam/loss_last": 0.5}, run_name="hparams")  # TensorBoard takes every value
+    w.close()
+    assert list((tmp_path / "hparams").glob("events.out.tfevents.*"))

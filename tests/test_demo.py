@@ -172,6 +172,11 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     for t in ("LVEDV", "RVEF"):
         got, want = float(raw[f"{t}_pred"]), float(pheno[key][f"{t}_pred"])
         assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (t, got, want)
+    from finetune import Finetuned  # the same run from Python
+
+    run = Finetuned.from_pretrained(demo / "finetune/phenotypes/vita")
+    mine = run.predict(run.preprocess(demo / "cohort/ukb" / key))
+    assert abs(mine["LVEDV"] - float(pheno[key]["LVEDV_pred"])) < 1e-3 * max(1.0, abs(mine["LVEDV"]))
     predict("finetune/segmentation", demo / "cohort/ukb" / key, tmp_path / "pred_seg")
     for view in ("sa", "la_2ch", "la_3ch", "la_4ch"):
         got, given = nib.load(tmp_path / "pred_seg/predictions" / key / f"seg_{view}.nii.gz"), nib.load(

