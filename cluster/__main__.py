@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config import SlurmConfig, format_minutes
+from cluster.config import SlurmConfig, format_minutes, time_warning
 from data_prep.config import (ConfigError, add_config_arguments, add_show_config_command, cli_parser,
                               load_config, run_cli, save_resolved_config)
 
@@ -158,6 +158,8 @@ def _dry_run(launch, scfg: SlurmConfig, kind: str, folder: Path, env: dict, arra
         print(launch.sbatch_script(scfg, folder, job_name, setup, array=array if array > 1 else 0), end="")
     print(f"[cluster] dry run: nothing submitted; the job folder would be {folder}, the run directory {run_dir}"
           + (f", {array} array tasks" if array > 1 else ""), file=sys.stderr)
+    if time_warning(scfg.time):
+        print(f"[cluster] {time_warning(scfg.time)}", file=sys.stderr)
     return 0
 
 
@@ -176,6 +178,8 @@ def _finish(args, launch, rec, scfg: SlurmConfig) -> int:
           + f", time limit {format_minutes(scfg.time_min)})")
     print(f"  job folder {rec.folder}")
     print(f"  run dir    {rec.run_dir}")
+    if time_warning(scfg.time):
+        print(f"[cluster] {time_warning(scfg.time)}", file=sys.stderr)
     if not args.wait or rec.executor == "debug":
         return 0
     t0 = time.time()

@@ -48,6 +48,16 @@ def format_minutes(minutes: int) -> str:
     return (f"{d} d " if d else "") + (f"{h} h " if d or h else "") + f"{m} min"
 
 
+def time_warning(text) -> str | None:
+    """A note when `--time` is written MM:SS (sbatch's reading: 30:00 is 30 minutes), the form people type
+    meaning hours; None otherwise."""
+    t = str(text or "").strip()
+    if re.fullmatch(r"\d+:\d{2}", t):
+        return (f"note: --time {t} is {format_minutes(time_minutes(t))} (sbatch reads MM:SS); "
+                f"{t.split(':')[0]} hours is {t}:00")
+    return None
+
+
 @dataclass
 class SlurmConfig:
     # submitit executor: slurm (sbatch), local (this machine, one process per task, same requeue logic),

@@ -259,15 +259,22 @@ def _set_override(raw: dict, override: str) -> str:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def project_path(path: str | os.PathLike) -> Path:
+    """A relative path as given when it exists from the working directory, else the project's own file of that
+    name (`configs/...` in the checkout, or in the installed wheel's cmrfm/configs), else unchanged."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return next((root / path for root in (PROJECT_ROOT, PROJECT_ROOT / "cmrfm") if (root / path).exists()), path)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``cls`` from the YAML mapping at ``path`` (None: defaults only) plus
     ``section.key=value`` overrides (applied to the raw mapping, later ones win)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_absolute() and not path.exists():  # `configs/...` from elsewhere: the project's own file
-            path = next((root / path for root in (PROJECT_ROOT, PROJECT_ROOT / "cmrfm") if (root / path).is_file()),
-                        path)
+        path = project_path(path)
         try:
             with open(path, encoding="utf-8") as f:  # a stream, so YAML errors show the file name
                 loaded = yaml.load(f, Loader=_UniqueKeyLoader)

@@ -209,6 +209,23 @@ PRIMARY_METRIC = {"phenotypes": ("mae_over_sd_mean", -1.0), "diseases": ("ap_mea
                   "segmentation": ("volume_dice_mean", 1.0), "modality_view": ("accuracy_mean", 1.0)}
 
 
+def val_scalars(task: str, val: dict) -> dict[str, float]:
+    """Per structure / disease / target validation figures for TensorBoard (`val/dice_LV`, `val/auroc_cad`,
+    `val/auroc_mean`, `val/mae_LVEDV`, ...), finite ones only."""
+    out: dict[str, float] = {}
+    if task == "segmentation":
+        out = {f"dice_{k}": v["dice"] for k, v in val["volume_dice"].items()}
+    elif task == "diseases":
+        out = {f"auroc_{k}": v["auroc"] for k, v in val["per_disease"].items()}
+        finite = [v for v in out.values() if math.isfinite(v)]
+        out["auroc_mean"] = float(np.mean(finite)) if finite else math.nan
+    elif task == "phenotypes":
+        out = {f"mae_{k}": v["mae"] for k, v in val["per_target"].items()}
+    else:
+        out = {k: v for k, v in val.items() if k != "primary"}
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 def score(cfg: FinetuneConfig, pred: dict, thresholds: Optional[dict] = None, spacing=None,
           std: Optional[np.ndarray] = None) -> dict:
     """Metrics of a prediction (`predict`); the validation metric to maximise is `primary` (phenotypes: minus the
@@ -400,6 +417,8 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
             writer.add_scalar("train/loss", row["train_loss"], epoch)
             writer.add_scalar("train/lr", sched.get_last_lr()[-1], epoch)
             writer.add_scalar(f"val/{name}", sign * val["primary"], epoch)
+            for tag, value in val_scalars(cfg.task.name, val).items():
+                writer.add_scalar(f"val/{tag}", value, epoch)
             improved = not math.isnan(val["primary"]) and val["primary"] > best
             if improved or best_epoch < 0:
                 best, best_epoch, since_best = (val["primary"] if improved else best), epoch, 0

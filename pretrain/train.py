@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_prep.config import ConfigError, dump_config, eta, flat_config, save_resolved_config
+from data_prep.config import ConfigError, dump_config, eta, flat_config, project_path, save_resolved_config
 from data_prep.format import read_dataset_manifest
 from data_prep.fsutil import atomic_write_text
 from pretrain import checkpoint
@@ -43,7 +43,7 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
     if t.global_batch % per_step:
         raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x world size "
                          f"= {t.micro_batch} x {world_size}")
-    path = Path(t.deepspeed_dir) / f"zero{t.zero_stage}.json"
+    path = project_path(Path(t.deepspeed_dir) / f"zero{t.zero_stage}.json")  # the project's, from any directory
     ds = json.loads(path.read_text())
     ds["zero_optimization"]["stage"] = t.zero_stage
     ds.update({"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": t.micro_batch,

@@ -224,6 +224,11 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
                f"out={tmp_path / 'ft'}")
     assert "#SBATCH --array=0-3%4" in _ok(res) and "#SBATCH --gpus-per-node=1" in res.stdout
     assert f"-> out={tmp_path / 'ft'}/task.name-diseases_seed-1" in res.stderr
+    assert "note: --time" not in res.stderr
+    res = _cli("submit", "finetune", "--config", ROOT / "configs/finetune/tiny.yaml", "--dry-run", "--cluster",
+               "slurm", "--folder", jobs, "--time", "30:00", f"out={tmp_path / 'ft'}")
+    assert "#SBATCH --time=30" in _ok(res)  # sbatch's reading, kept, and said in words with the hours form
+    assert "note: --time 30:00 is 30 min (sbatch reads MM:SS); 30 hours is 30:00:00" in res.stderr
     res = _cli("submit", "data_prep", "kspace", "--src", tmp_path, "--out", tmp_path / "k", "--dry-run", "--cluster",
                "slurm", "--nodes", "4", "--cpus-per-task", "16", "--folder", jobs)
     assert "#SBATCH --nodes=4" in _ok(res) and "#SBATCH --ntasks-per-node=1" in res.stdout

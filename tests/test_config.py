@@ -227,6 +227,11 @@ def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
     assert load_config(PretrainConfig, "configs/pretrain/vita_stage1_tiny.yaml").stage == "tabular_clip"
     with pytest.raises(ConfigError, match="current directory.*then from the project"):
         load_config(PretrainConfig, "configs/pretrain/nope.yaml")
+    from data_prep.config import project_path
+    from pretrain.train import deepspeed_config
+
+    assert project_path("configs/deepspeed/zero2.json").is_file()  # the DeepSpeed tuning files alike
+    assert deepspeed_config(PretrainConfig(), 1)["zero_optimization"]["stage"] == PretrainConfig().train.zero_stage
 
 
 def test_flat_config_for_tensorboard_hparams(tmp_path):

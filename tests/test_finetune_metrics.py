@@ -377,3 +377,15 @@ def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
     one_class.diseases_table()[:, 0] = 0  # no positive in training: the prevalence, scored like mean-guess
     ref = phenotype_reference(cfg, {"train": one_class, "test": split(60)})
     assert ref["per_disease"]["hf"]["auroc"] == 0.5
+
+
+def test_named_validation_scalars_per_task():
+    from finetune.train import val_scalars
+
+    seg = {"volume_dice": {"LV": {"dice": 0.9}, "RA": {"dice": float("nan")}}, "primary": 0.9}
+    assert val_scalars("segmentation", seg) == {"dice_LV": 0.9}  # NaN (no such structure) left out
+    dis = {"per_disease": {"cad": {"auroc": 0.8}, "stroke": {"auroc": 0.6}, "x": {"auroc": float("nan")}}}
+    assert val_scalars("diseases", dis) == pytest.approx({"auroc_cad": 0.8, "auroc_stroke": 0.6, "auroc_mean": 0.7})
+    assert val_scalars("phenotypes", {"per_target": {"LVEDV": {"mae": 12.5}}}) == {"mae_LVEDV": 12.5}
+    mv = {"modality_accuracy": 0.9, "view_balanced_accuracy": 0.8, "primary": 0.85}
+    assert val_scalars("modality_view", mv) == {"modality_accuracy": 0.9, "view_balanced_accuracy": 0.8}
