@@ -29,6 +29,11 @@ from pretrain.config import ViTConfig
 Source = Union[str, Path, Sequence[Union[str, Path]]]
 
 
+def is_nifti_subject(path: Path) -> bool:
+    """A ukbb_cardiac NIfTI subject folder (it has the short-axis image)."""
+    return (path / "sa.nii.gz").is_file() or (path / "sa.nii").is_file()
+
+
 def read_study(source: Source):
     """A UK Biobank cine study from a ukbb_cardiac NIfTI folder (sa.nii.gz, la_2ch.nii.gz, ...), a folder holding
     one subject's 20209 (short axis) and 20208 (long axis) zips of instance 2, or the pair (sa_zip, la_zip)."""
@@ -41,7 +46,7 @@ def read_study(source: Source):
     path = Path(source)
     if not path.is_dir():
         raise InputError(f"{path}: not a folder (a ukbb_cardiac NIfTI folder or one subject's DICOM zips)")
-    if (path / "sa.nii.gz").is_file() or (path / "sa.nii").is_file():
+    if is_nifti_subject(path):
         return read_ukb_nifti_dir(path)
     sa, la = sorted(path.glob("*_20209_2_0.zip")), sorted(path.glob("*_20208_2_0.zip"))
     if len(sa) == 1 and len(la) == 1:
@@ -79,9 +84,7 @@ class Encoder:
         checkpoint). The preprocessing comes from the export (`data:` in encoder_config.yaml, the training
         dataset's conversion settings) or, for an export made before exports recorded it, from the training
         dataset's manifest when it is still there."""
-        from pretrain.export import load_encoder
-
-        from pretrain.export import training_data
+        from pretrain.export import load_encoder, training_data
 
         module, vit, meta = load_encoder(path)
         data = meta.get("data")

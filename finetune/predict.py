@@ -48,20 +48,21 @@ def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple
     n_out = len(cfg.task.targets) if cfg.task.name == "phenotypes" else len(cfg.task.diseases)
     model, _ = build_model(cfg, n_out)
     model.load_state_dict(load_file(str(run / "best.safetensors")))
-    return cfg, model.to(torch.device(device)).eval(), result
-
-
-def _stats(cfg: FinetuneConfig, result: dict) -> dict:
-    """The phenotype targets' training mean / std (de-normalising the head's output), as the run saved them."""
-    if cfg.task.name != "phenotypes":
-        return {"mean": None, "std": None}
-    if "target_stats" not in result:
+    if cfg.task.name == "phenotypes" and "target_stats" not in result:  # a run from before fit saved them: once
         from finetune.data import SubjectDataset
         from finetune.train import target_stats
 
         mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", "phenotypes", cfg.model, train=False,
                                                 seed=cfg.seed, targets=cfg.task.targets))
-        return {"mean": mean, "std": std}
+        result["target_stats"] = {"mean": mean.tolist(), "std": std.tolist()}
+    return cfg, model.to(torch.device(device)).eval(), result
+
+
+def _stats(cfg: FinetuneConfig, result: dict) -> dict:
+    """The phenotype targets' training mean / std (de-normalising the head's output), as `load_finetuned` has
+    them."""
+    if cfg.task.name != "phenotypes":
+        return {"mean": None, "std": None}
     return {k: np.asarray(v, np.float64) for k, v in result["target_stats"].items()}
 
 
@@ -80,13 +81,14 @@ def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
 def find_subjects(path: str | Path) -> list[tuple[str, object]]:
     """(key, source) of every raw subject under `path`: the folder itself when it is a NIfTI subject folder,
     else its NIfTI subject folders and its (20209, 20208) zip pairs of instance 2, by eid."""
+    from finetune.api import is_nifti_subject
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
-    if (path / "sa.nii.gz").is_file() or (path / "sa.nii").is_file():
+    if is_nifti_subject(path):
         return [(path.name, path)]
-    found = {d.name: d for d in sorted(path.iterdir()) if d.is_dir() and ((d / "sa.nii.gz").is_file()
-                                                                          or (d / "sa.nii").is_file())}
+    found = {d.name: d for d in sorted(path.iterdir()) if d.is_dir() and is_nifti_subject(d)}
     for sa in sorted(path.glob("*_20209_2_0.zip")):
         eid = sa.name.split("_")[0]
         la = path / f"{eid}_20208_2_0.zip"
