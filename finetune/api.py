@@ -5,11 +5,18 @@
     image = enc.preprocess("runs/demo/cohort/ukb/1000001")  # a ukbb_cardiac NIfTI folder, or (sa.zip, la.zip)
     z = enc.embed(image)                                     # (dim,) float32: the pooled features the heads see
 
-`preprocess` is the conversion's own code (`data_prep.sources` readers + `data_prep.preprocess_ukb.preprocess`)
-with the conversion settings recorded in the encoder's training dataset, so its output is bit for bit the stored
-sample (P planes, all stored frames, crop x crop, float16 in [0, 1]). `embed` takes that array (or a batch of
-them), keeps the encoder's frames (`select_frames`, as the fine-tuning loader does) and returns the mean of the
-encoder's output tokens: what `finetune embed` writes and what the pooled heads read.
+`preprocess` is the conversion's own code with the conversion settings recorded in the encoder's training
+dataset, so its output is bit for bit the stored sample:
+- an encoder trained on UK Biobank cine (Stage I / II): `data_prep.sources` readers +
+  `data_prep.preprocess_ukb.preprocess` -> (P planes, all stored frames, crop, crop) float16 in [0, 1];
+- an encoder trained on k-space (MetaCLIP-CMR): one CMRxRecon / MMCMR-427K `.mat` file through
+  `data_prep.preprocess_kspace.preprocess_kspace_file` (coil combination, oversampling removed, resized,
+  z-scored) -> (T frames, Z slices, S, S) float16; the file's place in the published layout (`MultiCoil/Cine/...`)
+  gives its metadata, so pass `relpath=` when the file was moved out of it.
+`embed` takes that array (or a batch of them) and returns the pooled features: for cine the mean of the output
+tokens over the encoder's frames (`select_frames`, as the fine-tuning loader does); for a k-space sequence the mean
+of its single images' features over evenly spaced slices and frames (`pretrain.data.sequence_images`, the
+evaluation transform). Both are what `finetune embed` writes and what the pooled heads read.
 """
 
 from __future__ import annotations
@@ -68,6 +75,20 @@ def preprocess_study(source, preprocess: dict) -> tuple[np.ndarray, dict]:
     return image, meta
 
 
+def preprocess_kspace(path: str | Path, preprocess: dict, relpath: Optional[str] = None) -> tuple[np.ndarray, dict]:
+    """(images (T, Z, S, S) float16, meta) of one k-space `.mat` file under the k-space conversion settings
+    `preprocess` (`size`, `keep_aspect`, `readout_oversampling` of a k-space manifest's config): the function the
+    conversion job runs. `relpath`: the file's place in the dataset layout when `path` no longer shows it."""
+    from data_prep.preprocess_kspace import preprocess_kspace_file
+
+    missing = [k for k in ("size", "keep_aspect", "readout_oversampling") if k not in preprocess]
+    if missing:
+        raise ValueError(f"k-space conversion settings lack {missing} (a manifest from an older conversion): "
+                         "give them explicitly")
+    return preprocess_kspace_file(path, relpath, preprocess["size"], keep_aspect=preprocess["keep_aspect"],
+                                  readout_oversampling=preprocess["readout_oversampling"])
+
+
 @dataclass
 class Encoder:
     """A pretrained image encoder (eval mode) with its architecture, provenance and preprocessing."""
@@ -96,28 +117,51 @@ class Encoder:
         device = torch.device(device)
         return cls(module.to(device), vit, meta, data, device)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this encoder as an export folder (weights, `encoder_config.yaml` with its geometry, provenance and
+        conversion settings, and a model card `README.md`): a HuggingFace-style model repository that
+        `from_pretrained` reads back. Returns the folder."""
+        from data_prep.config import config_to_dict
+        from pretrain.export import write_export
+
+        keep = ("stage", "architecture", "checkpoint", "run", "provenance")
+        config = {"model": config_to_dict(self.vit), "format": "cmrfm-encoder-v1",
+                  **{k: self.meta[k] for k in keep if k in self.meta}, "data": self.data}
+        write_export(directory, self.module.state_dict(), config)
+        return Path(directory)
+
     @property
     def dim(self) -> int:
         return int(getattr(self.module, "dim", self.vit.dim))
 
-    def preprocess(self, source: Source) -> np.ndarray:
-        """One subject -> (P, T, S, S) float16: exactly the sample the conversion would store for it."""
+    @property
+    def input_kind(self) -> str:
+        """"kspace" for an encoder trained on k-space sequences (MetaCLIP-CMR), else "ukb" (multi-plane cine)."""
+        kind = (self.data or {}).get("dataset")
+        return kind if kind in ("ukb", "kspace") else ("kspace" if self.meta.get("stage") == "metaclip" else "ukb")
+
+    def preprocess(self, source: Source, relpath: Optional[str] = None) -> np.ndarray:
+        """One subject (cine) or one k-space file -> exactly the sample the conversion would store for it:
+        (P, T, S, S) or (T, Z, S, S) float16."""
         if not self.data or not self.data.get("preprocess"):
             raise ValueError(f"{self.meta.get('run', 'this encoder')}: no record of the conversion settings it "
                              "was trained on (the export has no data: section and the training dataset's manifest "
                              "is not readable); re-export it with `python -m pretrain export --run RUN`")
-        if self.data.get("dataset") != "ukb":
-            raise ValueError(f"preprocess reads UK Biobank cine studies; this encoder was trained on a "
-                             f"{self.data.get('dataset')!r} dataset (convert k-space with python -m data_prep kspace)")
+        if self.input_kind == "kspace":
+            return preprocess_kspace(source, self.data["preprocess"], relpath)[0]
         return preprocess_study(source, self.data["preprocess"])[0]
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 16) -> np.ndarray:
-        """(P, T, S, S) -> (dim,), or a batch (B, P, T, S, S) -> (B, dim): the mean of the output tokens over the
-        encoder's frames (evenly spaced over the stored T, as in fine-tuning), float32."""
+    def embed(self, images, batch_size: int = 16) -> np.ndarray:
+        """One sample -> (dim,), or a batch -> (B, dim), float32. Cine: (P, T, S, S) or (B, P, T, S, S), the mean
+        of the output tokens over the encoder's frames (evenly spaced over the stored T, as in fine-tuning).
+        k-space: one (T, Z, S, S) sequence or a list of them (their T and Z may differ), the mean of the features
+        of their evenly spaced single images."""
         from finetune.models import pooled_features
         from pretrain.data import select_frames
 
+        if self.input_kind == "kspace":
+            return self._embed_sequences(images, batch_size)
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
         single = x.dim() == 4
         x = x[None] if single else x
@@ -127,6 +171,24 @@ class Encoder:
         out = [pooled_features(self.module, x[i:i + batch_size][:, :, frames].float().to(self.device)).float().cpu()
                for i in range(0, len(x), batch_size)]
         z = torch.cat(out).numpy()
+        return z[0] if single else z
+
+    def _embed_sequences(self, sequences, batch_size: int) -> np.ndarray:
+        from pretrain.config import MetaCLIPConfig
+        from pretrain.data import sequence_images
+        from pretrain.models.metaclip import pool_sequences
+
+        single = isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 4
+        seqs = [np.asarray(s) for s in ([sequences] if single else sequences)]
+        if any(s.ndim != 4 for s in seqs):
+            raise ValueError(f"k-space sequences: expected (T, Z, H, W) arrays, got shapes {[s.shape for s in seqs]}")
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            # as `finetune embed`: the sequence's images at their stored size, the evaluation choice of images
+            pairs = [sequence_images(s, MetaCLIPConfig(image_size=s.shape[-1])) for s in seqs[i:i + batch_size]]
+            out += [pool_sequences(self.module, img[None].to(self.device), valid[None].to(self.device)).float().cpu()
+                    for img, valid in pairs]
+        z = torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
         return z[0] if single else z
 
 

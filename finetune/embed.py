@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.format import StoreReader
 from data_prep.fsutil import atomic_path
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
@@ -25,9 +26,9 @@ def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split:
     from pretrain.export import load_encoder
 
     encoder, vit, meta = load_encoder(encoder_path)
-    probe = SubjectDataset(dataset, "train", "phenotypes", vit, train=False, seed=0)
-    task = "modality_view" if probe.manifest["dataset"] == "kspace" else "phenotypes"
-    size = probe.reader.group["image"].shape[-1]  # k-space images as stored (any multiple of the patch)
+    reader = StoreReader(dataset)
+    task = "modality_view" if reader.manifest["dataset"] == "kspace" else "phenotypes"
+    size = reader.group["image"].shape[-1]  # k-space images as stored (any multiple of the patch)
     model = FinetuneModel(task, encoder, vit, n_out=1).eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)

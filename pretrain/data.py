@@ -530,6 +530,33 @@ def spread(n: int, k: int) -> list[int]:
     return sorted(set(np.rint(np.linspace(0, n - 1, min(k, n))).astype(int).tolist()))
 
 
+def gather_images(image: np.ndarray, ts: Sequence[int], zs: Sequence[int], size: int) -> torch.Tensor:
+    """Frames `ts` of slices `zs` of a (T, Z, S, S) sequence as (len(zs) * len(ts), size, size) float32 single
+    images in (slice, frame) order, resized (bilinear, antialiased) when stored at another size."""
+    x = torch.from_numpy(np.ascontiguousarray(image[np.ix_(ts, zs)].transpose(1, 0, 2, 3), np.float32))
+    x = x.flatten(0, 1)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0]
+    return x
+
+
+def pad_images(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, S, S) images -> (n, S, S) zero-padded and the (n,) bool mask of the real ones."""
+    image = torch.zeros(n, *x.shape[1:])
+    image[:len(x)] = x
+    valid = torch.zeros(n, dtype=torch.bool)
+    valid[:len(x)] = True
+    return image, valid
+
+
+def sequence_images(image: np.ndarray, mc: MetaCLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of one stored (T, Z, S, S) k-space sequence an encoder sees at evaluation (`KSpaceTransform`
+    with `train=False`): evenly spaced slices and frames, no augmentation; (image (N, S', S'), valid (N,))."""
+    T, Z = image.shape[:2]
+    return pad_images(gather_images(image, spread(T, mc.max_frames), spread(Z, mc.slices), mc.image_size),
+                      mc.slices * mc.max_frames)
+
+
 class KSpaceTransform:
     """raw k-space sequence sample + epoch -> a MetaCLIP-CMR training sample (paper Sec. 2.2-2.3). Picklable.
 
@@ -562,21 +589,12 @@ class KSpaceTransform:
         angle = rand.uniform(-self.cfg.rotation_deg, self.cfg.rotation_deg)
         flip = rand.below(2) == 1
         scale = rand.uniform(1.0 - self.cfg.contrast, 1.0 + self.cfg.contrast)
-        x = torch.from_numpy(np.ascontiguousarray(s.image[np.ix_(ts, zs)].transpose(1, 0, 2, 3), np.float32))
-        x = x.flatten(0, 1)  # (slices * frames, S, S) in (slice, frame) order
-        size = self.mc.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", antialias=True,
-                              align_corners=False)[:, 0]
+        x = gather_images(s.image, ts, zs, self.mc.image_size)
         if self.train:
             x, _ = augment_image(x[None], [angle if self.cfg.rotation_deg > 0 else 0.0],
                                  [flip and self.cfg.flip], clamp=False)
             x = x[0] * (scale if self.cfg.contrast > 0 else 1.0)
-        n = self.mc.slices * self.mc.max_frames
-        image = torch.zeros(n, size, size)
-        image[:len(x)] = x
-        valid = torch.zeros(n, dtype=torch.bool)
-        valid[:len(x)] = True
+        image, valid = pad_images(x, self.mc.slices * self.mc.max_frames)
         views = list(s.meta["view_indices"])
         single = len(set(views)) == 1
         return {"image": image, "valid": valid, "text": text, "modality": int(s.meta["modality_index"]),

@@ -2,7 +2,11 @@
 
     python -m pretrain export --run runs/vita_stage1 [--out DIR]
 
-This is what finetune loads and what a user shares; it needs neither DeepSpeed nor the optimizer state.
+This is what finetune loads and what a user shares; it needs neither DeepSpeed nor the optimizer state. The folder
+(`encoder.safetensors`, `encoder_config.yaml`, and a generated model card `README.md`: stages, data, architecture,
+each stage's last validation figures) is laid out as a HuggingFace model repository: `huggingface-cli upload
+ORG/NAME DIR` shares it, and `finetune.Encoder.from_pretrained` loads a downloaded copy
+(`huggingface_hub.snapshot_download`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return {k: v.float() for k, v in states["module"].items()}
 
 
+#: The k-space conversion settings that decide a stored sequence (`data_prep.jobs.kspace.KSpaceJobConfig`).
+KSPACE_PREPROCESS = ("size", "keep_aspect", "readout_oversampling")
+
+
 def training_data(dataset) -> dict | None:
     """{"dataset": kind, "preprocess": the conversion settings} of the run's training dataset, from its manifest:
     what `finetune.api.Encoder.preprocess` needs to turn a raw subject into the samples the encoder saw. None when
@@ -39,12 +47,13 @@ def training_data(dataset) -> dict | None:
         manifest = json.loads((Path(dataset) / "manifest.json").read_text())
     except (OSError, TypeError, ValueError):
         return None
-    return {"dataset": manifest.get("dataset"), "preprocess": (manifest.get("config") or {}).get("preprocess")}
+    config = manifest.get("config") or {}
+    if manifest.get("dataset") == "kspace":  # the k-space job's image settings sit at its config's top level
+        return {"dataset": "kspace", "preprocess": {k: config[k] for k in KSPACE_PREPROCESS if k in config}}
+    return {"dataset": manifest.get("dataset"), "preprocess": config.get("preprocess")}
 
 
 def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     out = Path(out or run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -56,16 +65,77 @@ def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     encoder = {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError(f"{ckpt_dir / tag}: no encoder.* weights in the checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
     arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
     meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "architecture": arch, "checkpoint": tag,
             "run": str(run_dir.resolve())}
+    return write_export(out, encoder, {"model": config_to_dict(cfg.model), **meta,
+                                       "provenance": provenance(cfg, meta), "data": training_data(cfg.data.dataset)})
+
+
+def write_export(out: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """The export folder: weights (with the identity fields as safetensors metadata), `encoder_config.yaml` and
+    the model card, each written atomically. Returns the weights' path."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ident = {k: str(config[k]) for k in ("format", "stage", "architecture", "checkpoint", "run") if k in config}
     with atomic_path(out / "encoder.safetensors") as tmp:
-        save_file(encoder, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    atomic_write_text(out / "encoder_config.yaml", yaml.safe_dump(
-        {"model": config_to_dict(cfg.model), **meta, "provenance": provenance(cfg, meta),
-         "data": training_data(cfg.data.dataset)}, sort_keys=False))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=ident)
+    atomic_write_text(out / "encoder_config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out / "README.md", model_card(config))
     return out / "encoder.safetensors"
+
+
+STAGE_TITLES = {"mae": "Stage I: multi-view 3D+T masked autoencoder (ViTa)",
+                "tabular_clip": "Stage II: image-tabular CLIP (ViTa)",
+                "metaclip": "MetaCLIP-CMR: image-metadata-text CLIP"}
+
+
+def last_validation(run: str | Path) -> dict | None:
+    """The last validation row a pretraining run logged (its metrics.jsonl), or None when it is not readable."""
+    try:
+        rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return None
+    val = [r for r in rows if r.get("split") == "val"]
+    return val[-1] if val else None
+
+
+def model_card(config: dict) -> str:
+    """A HuggingFace-style model card for an export: what it is, what it was trained on, how to load it, and each
+    stage's last validation figures (from its run's metrics.jsonl, when the run is still there)."""
+    model = config.get("model", {})
+    data = config.get("data") or {}
+    front = {"library_name": "cmrfm", "license": "apache-2.0",
+             "tags": ["cardiac-mri", "medical-imaging", "foundation-model", config.get("stage", "encoder")]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# cmrfm encoder ({config.get('architecture', 'vit')}, {config.get('stage', '?')})", "",
+             "A cardiac-MRI image encoder pretrained with cmrfm. Load it (`pip install cmrfm`, or from a checkout) with",
+             "", "```python", "from finetune import Encoder", "enc = Encoder.from_pretrained(\"PATH/TO/THIS/FOLDER\")",
+             "z = enc.embed(enc.preprocess(SUBJECT))  # a ukbb_cardiac NIfTI folder, DICOM zips, or a k-space .mat",
+             "```", "", "## Training stages (newest first)", ""]
+    for p in config.get("provenance", []):
+        lines.append(f"- **{STAGE_TITLES.get(p.get('stage'), p.get('stage'))}** — run `{p.get('run')}`, "
+                     f"checkpoint `{p.get('checkpoint', '?')}`")
+    lines += ["", "## Data", "", f"- dataset kind: `{data.get('dataset', 'unknown')}`"]
+    for k, v in (data.get("preprocess") or {}).items():
+        lines.append(f"- `{k}`: `{json.dumps(v)}`")
+    lines += ["", "## Architecture", "", "| setting | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in model.items()]
+    lines += ["", "## Validation at the end of each stage", ""]
+    for p in config.get("provenance", []):
+        val = last_validation(p.get("run", ""))
+        if val is None:
+            lines.append(f"- {p.get('stage')}: no validation figures (its run's metrics.jsonl has none or is not here)")
+            continue
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in val.items()
+                            if k not in ("step", "samples", "split", "n") and isinstance(v, (int, float)))
+        lines.append(f"- {p.get('stage')} (step {val.get('step')}, {val.get('n', '?')} validation samples): {figures}")
+    lines += ["", "## Intended use", "",
+              "Research on cardiac MRI representations. Not a medical device; not validated for clinical decisions.",
+              ""]
+    return "\n".join(lines)
 
 
 def provenance(cfg: PretrainConfig, meta: dict) -> list[dict]:

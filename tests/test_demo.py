@@ -147,6 +147,16 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     with torch.no_grad():
         direct = enc.module.forward_features(torch.from_numpy(stored[None, :, frames]).float()).mean(1)[0]
     np.testing.assert_allclose(ns["z"], direct.numpy(), rtol=1e-5, atol=1e-6)
+    # shared as a model repository (HuggingFace layout with a model card) and loaded back: the same encoder
+    from finetune import Encoder
+
+    hub = enc.save_pretrained(tmp_path / "hub")
+    card = (hub / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: cmrfm") and "Stage II: image-tabular CLIP" in card
+    assert "Stage I: multi-view 3D+T masked autoencoder" in card and "image_to_table_top1" in card
+    again = Encoder.from_pretrained(hub)
+    assert again.data == enc.data and again.meta["provenance"] == enc.meta["provenance"]
+    np.testing.assert_array_equal(again.embed(ns["image"]), ns["z"])
 
     # finetune predict: on the converted test split the rows are the run's own; on a raw NIfTI subject the same
     # phenotypes as from its stored sample; segmentation back in the input's geometry

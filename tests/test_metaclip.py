@@ -205,6 +205,34 @@ def test_metaclip_trains_on_two_ranks_resumes_exactly_and_exports(kspace24, tmp_
     shutil.copy(run / "encoder_config.yaml", untrained)
     acc0, _ = _probe_accuracy(untrained, kspace24)
     assert acc >= chance + 0.2 and acc > acc0 + 0.1, (acc, acc0, chance)
+    _api_matches_conversion_and_embed(run, kspace24, tmp_path)
+
+
+def _api_matches_conversion_and_embed(run: Path, dataset: Path, tmp_path: Path) -> None:
+    """`Encoder.preprocess` of a raw .mat file is the stored sequence bit for bit (the conversion's own code and
+    settings); `Encoder.embed` of it is the row `finetune embed` writes for that sequence."""
+    from finetune.api import Encoder
+    from data_prep.format import StoreReader
+    from finetune.embed import embed
+
+    enc = Encoder.from_pretrained(run)
+    assert enc.input_kind == "kspace" and enc.data["preprocess"]["size"] == 32
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    src = Path(manifest["config"]["src"])
+    reader = StoreReader(dataset)
+    keys = reader.keys("train")[:3]
+    images = [enc.preprocess(src / reader.kspace(k).meta["relpath"]) for k in keys]
+    for k, img in zip(keys, images):
+        stored = reader.kspace(k).image
+        assert img.dtype == stored.dtype and img.shape == stored.shape and np.array_equal(img, stored), k
+    out = embed(run, dataset, tmp_path / "emb.npz", split="train", progress=False)
+    z = np.load(out)
+    rows = {k: i for i, k in enumerate(z["keys"].tolist())}
+    ours = enc.embed(images)
+    assert ours.shape == (3, enc.dim)
+    for k, e in zip(keys, ours):
+        np.testing.assert_allclose(e, z["embeddings"][rows[k]], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(enc.embed(images[0]), ours[0], rtol=1e-5, atol=1e-6)
 
 
 def load_config_vit(run: Path) -> ViTConfig:

@@ -15,9 +15,10 @@ from data_prep.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_prep", "pretrain", "finetune", "cluster")  # (+ cmrfm: the console command over all four)
 # the light, ray-free data_prep modules that training code may use (the GPU machine cannot install ray)
-# (and the finetune API the UK Biobank readers and preprocessing: the conversion's own code, never a second copy)
+# (and the finetune API the readers and preprocessing of both sources: the conversion's own code, never a second copy)
 TRAINING_MAY_IMPORT_FROM_DATA_PREP = {"data_prep", "data_prep.format", "data_prep.config", "data_prep.fsutil",
-                                      "data_prep.sources", "data_prep.sources.ukb_nifti", "data_prep.preprocess_ukb"}
+                                      "data_prep.sources", "data_prep.sources.ukb_nifti", "data_prep.preprocess_ukb",
+                                      "data_prep.preprocess_kspace"}
 ALLOWED = {
     "data_prep": {"data_prep"},
     "pretrain": {"pretrain", "data_prep"},
