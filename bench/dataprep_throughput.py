@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_prep.fsutil import dir_bytes
+from core.fsutil import dir_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

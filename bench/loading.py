@@ -114,7 +114,7 @@ class NiftiReference(Dataset):
     def __getitem__(self, i: int) -> dict:
         import nibabel as nib
 
-        from data_prep.format import LA_VIEWS
+        from core.vocab import LA_VIEWS
         from data_prep.preprocess_ukb import store_plane
         from pretrain.data import select_frames
 
@@ -193,9 +193,10 @@ def time_batches(batches, n: int, warmup: int) -> dict:
 def split_costs(conv: Path, n: int) -> dict:
     """Per-sample ms of the shard path, in-process: tar read, Blosc decode of all stored frames, select + augment
     (the full SampleTransform minus the decode), against a 5-frame decode and a Zarr 5-frame read."""
-    from data_prep.format import StoreReader, decode_array, encode_array
+    from core.format import StoreReader, decode_array, encode_array
+    from core.manifest import Manifest
     from pretrain.config import DataConfig
-    from pretrain.data import SampleTransform, _read_shard, list_shards, read_manifest, select_frames, tabular_stats
+    from pretrain.data import SampleTransform, _read_shard, list_shards, select_frames
 
     raws, t_read = [], 0.0
     for shard in list_shards(conv, "train"):
@@ -210,7 +211,7 @@ def split_costs(conv: Path, n: int) -> dict:
             raws.append(raw)
         if len(raws) >= n:
             break
-    tf = SampleTransform(DataConfig(), 0, tabular_stats(read_manifest(conv)), frames=FRAMES)
+    tf = SampleTransform(DataConfig(), 0, Manifest.load(conv).tabular_stats(), frames=FRAMES)
     t_dec = t_dec5 = t_all = 0.0
     stored_bytes = kept_bytes = 0
     reader = StoreReader(str(conv))
@@ -329,7 +330,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per loader process, as in a DataLoader worker (torch sets 1 there)
 
-    from data_prep.format import StoreReader
+    from core.format import StoreReader
     from data_prep.preprocess_ukb import UKBPreprocessConfig
     from finetune.data import SubjectDataset
     from pretrain.config import DataConfig, ViTConfig
@@ -343,7 +344,7 @@ def main() -> None:
         keys = reader.keys("train")
         metas = {k: reader.meta(k) for k in keys}
         pcfg = UKBPreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                      for k, v in reader.manifest["config"]["preprocess"].items()})
+                                      for k, v in reader.manifest.config["preprocess"].items()})
         vit = ViTConfig(img_size=pcfg.crop, sa_planes=pcfg.sa_planes, frames=FRAMES)
         print(f"{os.cpu_count()} cores, torch {torch.__version__}; cohort {cohort}, converted {conv}: "
               f"{len(reader.keys())} subjects, {len(keys)} in train; load average {load0[0]:.2f}", flush=True)
@@ -398,7 +399,7 @@ def main() -> None:
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "made": made,
                "data": {"cohort": str(cohort), "converted": str(conv)},
                "subjects": len(reader.keys()), "train_subjects": len(keys), "batch": args.batch,
-               "preprocess": reader.manifest["config"]["preprocess"], "workers": args.workers,
+               "preprocess": reader.manifest.config["preprocess"], "workers": args.workers,
                "timed": {k: v for k, v in WAYS.items()}, "runs": runs, "split": split,
                "gpu": {"source": src, "samples_per_s": rates, "labels": GPU_ROWS},
                "workers_needed": needed, "repeats": args.repeats, "trials": trials,

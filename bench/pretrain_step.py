@@ -113,7 +113,7 @@ def main() -> None:
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "LOCAL_RANK": "0",
                  "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
-    from data_prep.config import load_config
+    from core.config import load_config
     from pretrain.dist import init_distributed
 
     init_distributed()

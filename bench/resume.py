@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from data_prep.fsutil import dir_bytes
+    from core.fsutil import dir_bytes
 
     tmp = Path(tempfile.mkdtemp(prefix="cmrfm-resume-"))
     try:

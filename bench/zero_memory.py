@@ -91,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from data_prep.config import dump_config, load_config
+    from core.config import dump_config, load_config
     from pretrain import checkpoint
     from pretrain.config import PretrainConfig
     from pretrain.dist import init_distributed

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from cluster.config import SlurmConfig, format_minutes, time_warning
-from data_prep.config import (ConfigError, add_config_arguments, add_show_config_command, cli_parser,
-                              load_config, run_cli, save_resolved_config)
+from core.cli import add_config_arguments, add_show_config_command, cli_parser, run_cli
+from core.config import ConfigError, load_config, save_resolved_config
 
 EPILOG = """examples:
   python -m cluster submit pretrain --config configs/pretrain/vita_stage1.yaml --nodes 8 --gpus-per-node 8 \\

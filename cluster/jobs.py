@@ -35,6 +35,8 @@ from typing import Any, Optional
 
 import submitit
 
+from core.net import free_port
+
 REQUEUES = "requeues.jsonl"
 RAY_MARK = "CMRFM_RAY_JOB"
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE: its controller restarts the tasks
@@ -237,12 +239,6 @@ class FinetuneJob(submitit.helpers.Checkpointable):
 
 
 # ------------------------------------------------------------------------------------------------ Ray on a job
-def _free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _ray_bin() -> str:
     local = Path(sys.executable).parent / "ray"
     return str(local) if local.exists() else (shutil.which("ray") or "ray")
@@ -398,16 +394,16 @@ class DataPrepJob(submitit.helpers.Checkpointable):
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         temp = Path(os.environ.get("CMRFM_RAY_TMP", "/tmp")) / f"cmrfm-ray-{job.job_id}-{rank}"
         resources = [f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}"]
-        ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                          "runtime-env-agent-port", "metrics-export-port")]
         node: Optional[RayNode] = None
         try:
             if rank == 0:
                 ip = _head_ip(job.num_nodes)
-                port = self.ray_port or _free_port(ip)
+                port = self.ray_port or free_port(ip)
                 address = f"{ip}:{port}"
                 node = RayNode(job.job_id, temp, ["--head", f"--node-ip-address={ip}", f"--port={port}",
-                                                  f"--ray-client-server-port={_free_port()}",
+                                                  f"--ray-client-server-port={free_port()}",
                                                   "--include-dashboard=false", *resources, *ports],
                                env, Path(self.job_folder) / f"ray_{job.job_id}_{rank}.log")
                 node.wait_ready()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from cluster.config import SlurmConfig
-from data_prep.config import ConfigError
+from core.config import ConfigError
 
 KINDS = ("pretrain", "finetune", "data_prep")
 JOB_JSON = "job.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import add_config_arguments, cli_parser, config_from_args, run_cli
+from core.cli import add_config_arguments, cli_parser, config_from_args, run_cli
 
 EPILOG = """examples:
   python -m data_prep synth --out data/synth --subjects 64 --kspace-scans 32 --seed 0

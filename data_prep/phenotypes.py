@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from data_prep.format import PHENOTYPES
+from core.vocab import PHENOTYPES
 
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 

@@ -50,6 +50,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from core.config import InputError
 from data_prep.mri import centered_ifft2, rss
 from data_prep.sources.kspace import (
     KIND_RANK,
@@ -332,9 +333,9 @@ def metadata_texts(meta: Mapping[str, object]) -> dict[str, object]:
 # --------------------------------------------------------------------------------------
 
 
-def _err(path: object, msg: str) -> ValueError:
+def _err(path: object, msg: str) -> InputError:
     p = os.fspath(path)  # type: ignore[arg-type]
-    return ValueError(msg if msg.startswith(str(p)) else f"{p}: {msg}")
+    return InputError(msg if msg.startswith(str(p)) else f"{p}: {msg}")
 
 
 def preprocess_kspace_file(

@@ -24,7 +24,7 @@
   (DICOM-only input): the moving blood/fat-bright pixels near the long axis (`_motion_region`), the atria = the
   part of them more than one SA slice spacing beyond the most basal chosen SA slice.
 - Intensities: per plane, clip to the (low, high) percentiles of its stored frames, then min-max to [0, 1].
-- Segmentations follow every step; labels move to one space over all planes (`format.LABELS`). Phenotypes are
+- Segmentations follow every step; labels move to one space over all planes (`core.vocab.LABELS`). Phenotypes are
   measured on the source segmentations, at their resolution.
 - All stored frames are kept (the frames used for training are chosen at load time).
 """
@@ -37,10 +37,10 @@ from typing import Literal, Optional
 import numpy as np
 from scipy import ndimage
 
-from data_prep.format import LA_VIEWS, PHENOTYPES, SOURCE_LABEL_MAPS, plane_names
+from core.config import InputError
+from core.vocab import LA_VIEWS, PHENOTYPES, SOURCE_LABEL_MAPS, plane_names
 from data_prep.phenotypes import measure_phenotypes
 from data_prep.sources import CineStudy
-from data_prep.sources.ukb_nifti import InputError
 
 _SLAB_MM = 10.0  # labelled voxels of other planes within this distance of a long-axis plane count as seen in it
 _APEX_MOTION_FRACTION = 0.15  # image-based apex: the motion run below the base ends under this share of the range

@@ -54,9 +54,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_prep.format import normalise_tabular
+from core.config import ConfigError, InputFileError, _UniqueKeyLoader
+from core.format import normalise_tabular
 from data_prep import ukb_fields as U
-from data_prep.config import ConfigError, InputFileError, _UniqueKeyLoader
 
 KINDS = ("numerical", "binary", "categorical")
 REDUCES = ("value", "mean", "any_code", "count_codes")
@@ -535,7 +535,7 @@ def feature_spec_yaml(spec: TabularSpec) -> str:
 
 
 def write_default_spec(path: str | Path = DEFAULT_SPEC_PATH) -> Path:
-    from data_prep.fsutil import atomic_write_text
+    from core.fsutil import atomic_write_text
 
     path = Path(path)
     text = feature_spec_yaml(default_feature_spec())

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Literal, Mapping
 
-from data_prep.format import DISEASES
+from core.vocab import DISEASES
 
 Kind = Literal["numerical", "binary", "categorical"]
 DType = Literal["int", "float", "str", "date"]
@@ -437,7 +437,7 @@ ICD10_DISEASES: Mapping[str, frozenset[str]] = MappingProxyType({
         + ["E121", "E123", "E125", "E128", "E129"]
         + [f"E13{d}" for d in range(10)] + [f"E14{d}" for d in range(10)]),
 })
-DISEASE_LABELS: tuple[str, ...] = DISEASES  # the one list, in data_prep.format
+DISEASE_LABELS: tuple[str, ...] = DISEASES  # the one list, in core.format
 ALL_APPENDIX_F_CODES: frozenset[str] = frozenset().union(*ICD10_DISEASES.values())
 
 

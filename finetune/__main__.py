@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import add_show_config_command, cli_parser, config_from_args, run_cli
+from core.cli import add_show_config_command, cli_parser, config_from_args, run_cli
 from finetune.config import FinetuneConfig
 
 EPILOG = """examples:
@@ -101,7 +101,7 @@ def _demo_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = cli_parser("python -m finetune", __doc__, EPILOG)
-    from data_prep.config import add_config_arguments
+    from core.cli import add_config_arguments
 
     p = sub.add_parser("train", help="one fine-tuning run: train, validate, test, report",
                        description="Fine-tune an encoder (config `encoder`: an export or a pretraining run; none: "

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_prep.config import load_config
+from core.config import load_config
 from pretrain.config import ViTConfig
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
@@ -44,7 +44,8 @@ def is_nifti_subject(path: Path) -> bool:
 def read_study(source: Source):
     """A UK Biobank cine study from a ukbb_cardiac NIfTI folder (sa.nii.gz, la_2ch.nii.gz, ...), a folder holding
     one subject's 20209 (short axis) and 20208 (long axis) zips of instance 2, or the pair (sa_zip, la_zip)."""
-    from data_prep.sources.ukb_nifti import InputError, read_ukb_dicom_study, read_ukb_nifti_dir
+    from core.config import InputError
+    from data_prep.sources.ukb_nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
     if isinstance(source, (list, tuple)):
         if len(source) != 2:
@@ -105,7 +106,8 @@ class Encoder:
         checkpoint). The preprocessing comes from the export (`data:` in encoder_config.yaml, the training
         dataset's conversion settings) or, for an export made before exports recorded it, from the training
         dataset's manifest when it is still there."""
-        from pretrain.export import load_encoder, training_data
+        from core.manifest import read_training_data
+        from pretrain.export import load_encoder
 
         module, vit, meta = load_encoder(path)
         data = meta.get("data")
@@ -113,7 +115,7 @@ class Encoder:
         if data is None and cfg_path.is_file():  # an export made before exports recorded it: the run's dataset
             from pretrain.config import PretrainConfig
 
-            data = training_data(load_config(PretrainConfig, cfg_path).data.dataset)
+            data = read_training_data(load_config(PretrainConfig, cfg_path).data.dataset)
         device = torch.device(device)
         return cls(module.to(device), vit, meta, data, device)
 
@@ -121,7 +123,7 @@ class Encoder:
         """Write this encoder as an export folder (weights, `encoder_config.yaml` with its geometry, provenance and
         conversion settings, and a model card `README.md`): a HuggingFace-style model repository that
         `from_pretrained` reads back. Returns the folder."""
-        from data_prep.config import config_to_dict
+        from core.config import config_to_dict
         from pretrain.export import write_export
 
         keep = ("stage", "architecture", "checkpoint", "run", "provenance")

@@ -14,7 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text
 from finetune import report
 from finetune.config import FinetuneConfig
 from finetune.train import fit

@@ -1,4 +1,4 @@
-"""Fine-tuning data: random access to a converted dataset's Zarr store (`data_prep.format.StoreReader`), exact
+"""Fine-tuning data: random access to a converted dataset's Zarr store (`core.format.StoreReader`), exact
 epochs over the manifest's splits (train / val / test by a hash of the key, fixed at conversion).
 
 UK Biobank subjects (tasks phenotypes, diseases, segmentation): the image (P, frames, H, W) in [0, 1] at the
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_prep.format import DISEASES, PHENOTYPES, StoreReader
+from core.format import StoreReader
+from core.manifest import Manifest
+from core.vocab import DISEASES, PHENOTYPES
 from pretrain.config import DataConfig, MetaCLIPConfig, ViTConfig
 from pretrain.data import (KSpaceTransform, _key_word, _Rand, augment_image, augment_params, collate,
                            select_frames)
@@ -38,22 +40,21 @@ TASK_DATASET = {"phenotypes": "ukb", "diseases": "ukb", "segmentation": "ukb", "
 
 
 def preflight(dataset: str | Path, task: str, encoders: Sequence[Optional[str | Path]] = (),
-              setting: str = "data.dataset") -> dict:
+              setting: str = "data.dataset") -> Manifest:
     """Before any model is built: the dataset is a converted one of the kind the task needs, and every encoder
     path (an export or a pretraining run directory) exists; a ConfigError line each. Returns the manifest."""
-    from data_prep.config import ConfigError
-    from data_prep.format import read_dataset_manifest
+    from core.config import ConfigError
 
-    manifest = read_dataset_manifest(dataset, (TASK_DATASET[task],), setting)
+    manifest = Manifest.load(dataset, (TASK_DATASET[task],), setting)
     for enc in encoders:
         if enc is not None and not Path(enc).exists():
             raise ConfigError(f"encoder: {enc} does not exist (an encoder export or a pretraining run directory)")
     return manifest
 
 
-def target_names(manifest: dict) -> list[str]:
+def target_names(manifest: Manifest) -> list[str]:
     """Every regressable name: the PHENOTYPES, then the tabular features of the manifest."""
-    return list(PHENOTYPES) + [f["name"] for f in (manifest.get("tabular") or {}).get("features", [])]
+    return list(PHENOTYPES) + [f["name"] for f in manifest.tabular_features]
 
 
 def nested_subset(keys: Sequence[str], fraction: float) -> list[str]:

@@ -202,7 +202,7 @@ def targets(s: dict) -> list[dict]:
 
 
 def build(demo: str | Path) -> Path:
-    from data_prep.fsutil import atomic_write_text
+    from core.fsutil import atomic_write_text
     from finetune.probe import mae_ratio
 
     demo = Path(demo)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.format import StoreReader
-from data_prep.fsutil import atomic_path
+from core.format import StoreReader
+from core.fsutil import atomic_path
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
 from pretrain.config import MetaCLIPConfig
@@ -27,7 +27,7 @@ def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split:
 
     encoder, vit, meta = load_encoder(encoder_path)
     reader = StoreReader(dataset)
-    task = "modality_view" if reader.manifest["dataset"] == "kspace" else "phenotypes"
+    task = "modality_view" if reader.manifest.dataset == "kspace" else "phenotypes"
     size = reader.group["image"].shape[-1]  # k-space images as stored (any multiple of the patch)
     model = FinetuneModel(task, encoder, vit, n_out=1).eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -20,15 +20,15 @@ from matplotlib.patches import Patch
 from sklearn.manifold import TSNE
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from data_prep.format import LABELS
-from data_prep.fsutil import atomic_path
+from core.fsutil import atomic_path
+from core.vocab import LABELS
 from finetune.metrics import _known, _np, classification_metrics, regression_metrics
 
 __all__ = ["regression_scatter", "roc_pr_curves", "segmentation_overlay", "tsne_embedding", "training_curves",
            "LABEL_COLOURS"]
 
 PathLike = Union[str, Path]
-# fixed colour per label id (tab10 order, see data_prep.format.LABELS), half transparent; background invisible
+# fixed colour per label id (tab10 order, see core.vocab.LABELS), half transparent; background invisible
 LABEL_COLOURS = np.array([(0, 0, 0, 0)] + [(*colormaps["tab10"](i)[:3], 0.45) for i in range(9)])
 
 
@@ -129,7 +129,7 @@ def _overlay(ax, image: np.ndarray, label: np.ndarray | None) -> None:
 def segmentation_overlay(images, truth, pred, titles: Sequence[str], out: PathLike) -> Path:
     """Rows = views (`titles`, e.g. SA base / mid / apex, 2ch, 4ch); columns: image, truth overlay, prediction overlay.
 
-    `images` (V, H, W) intensities, `truth` / `pred` (V, H, W) label ids (`data_prep.format.LABELS`), drawn in the
+    `images` (V, H, W) intensities, `truth` / `pred` (V, H, W) label ids (`core.vocab.LABELS`), drawn in the
     fixed `LABEL_COLOURS` so that a structure has the same colour in every figure.
     """
     images, truth, pred = _np(images, np.float64), _np(truth), _np(pred)

@@ -22,7 +22,7 @@ from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 __all__ = ["regression_metrics", "mean_guess_metrics", "choose_threshold", "classification_metrics",
-           "segmentation_metrics", "volume_dice", "retrieval_topk", "accuracy", "balanced_accuracy"]
+           "segmentation_metrics", "volume_dice", "accuracy", "balanced_accuracy"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 NAN = float("nan")
@@ -261,10 +261,3 @@ def segmentation_metrics(pred: ArrayLike, true: ArrayLike, valid: ArrayLike, lab
         out[name] = {"dice": float(d.mean()) if len(d) else NAN, "hd95": float(h.mean()) if len(h) else NAN,
                      "n": int(len(d)), "n_hd95": int(len(h))}
     return out
-
-
-# -------------------------------------------------------------------------------------------------- retrieval
-
-
-# retrieval_topk: one implementation, shared with pretraining's validation
-from pretrain.evaluate import retrieval_topk  # noqa: E402,F401

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from data_prep.format import LABELS, MODALITIES, VIEWS
+from core.vocab import LABELS, MODALITIES, VIEWS
 from pretrain.config import ViTConfig
 from pretrain.models.metaclip import pool_sequences
 from pretrain.models.vit import ViTEncoder, token_grid

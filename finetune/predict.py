@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.config import load_config
-from data_prep.fsutil import atomic_path, atomic_write_text
+from core.config import load_config
+from core.fsutil import atomic_path, atomic_write_text
 from finetune.config import FinetuneConfig
 from finetune.models import FinetuneModel
 
@@ -69,9 +69,9 @@ def _stats(cfg: FinetuneConfig, result: dict) -> dict:
 def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
     """The conversion settings of the run's training dataset (saved in its metrics.json, else read from the
     dataset's manifest): raw subjects are preprocessed with exactly these."""
-    from pretrain.export import training_data
+    from core.manifest import read_training_data
 
-    data = result.get("data") or training_data(cfg.data.dataset)
+    data = result.get("data") or read_training_data(cfg.data.dataset)
     if not data or not data.get("preprocess"):
         raise ValueError(f"{cfg.data.dataset}: the run's training dataset (its conversion settings) is not "
                          "readable, so raw subjects cannot be preprocessed as it was")

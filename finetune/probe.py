@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_prep.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text
 from finetune import metrics, report
 from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader

@@ -14,7 +14,7 @@ from typing import Union
 
 import numpy as np
 
-from data_prep.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text
 
 __all__ = ["markdown_table", "phenotype_table", "disease_table", "segmentation_table", "volume_dice_table",
            "write_report"]

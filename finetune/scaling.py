@@ -42,8 +42,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from data_prep.config import ConfigError, config_to_dict, load_config, save_resolved_config
-from data_prep.fsutil import atomic_write_text
+from core.config import ConfigError, config_to_dict, load_config, save_resolved_config
+from core.fsutil import atomic_write_text
 
 PROBE_TARGETS = ["LVEDV", "LVESV", "LVSV", "LVM", "RVEDV", "RVESV", "RVSV"]
 
@@ -199,7 +199,7 @@ def random_init_point(cfg: ScalingConfig, seed: int, run_dir: Path) -> dict:
     import yaml
     from safetensors.torch import save_file
 
-    from data_prep.fsutil import atomic_path
+    from core.fsutil import atomic_path
     from pretrain.models.vit import MaskedAutoencoder
 
     overrides = [*cfg.pretrain_overrides, f"train.seed={seed}"]

@@ -23,16 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.config import eta, flat_config, save_resolved_config
-from data_prep.format import LA_VIEWS, LABELS, MODALITIES, PHENOTYPES, SOURCE_LABEL_MAPS, VIEWS
-from data_prep.fsutil import atomic_path, atomic_write_text
+from core.cli import eta
+from core.config import flat_config, save_resolved_config
+from core.fsutil import atomic_path, atomic_write_text
+from core.manifest import read_training_data
+from core.vocab import LA_VIEWS, LABELS, MODALITIES, PHENOTYPES, SOURCE_LABEL_MAPS, VIEWS
 from finetune import figures, metrics, report
 from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel, ResNetEncoder, param_groups
 from pretrain.config import MetaCLIPConfig
-from pretrain.export import training_data
 from pretrain.models.vit import ViTEncoder
+from pretrain.schedule import warmup_cosine
 
 STRUCTURES = {i: name for i, name in enumerate(LABELS) if i > 0}
 
@@ -265,7 +267,7 @@ def _plane_views(P: int) -> list[str]:
 
 
 def plane_label_sets(P: int) -> list[tuple[int, ...]]:
-    """Per plane of the stack, the unified labels its ground truth can hold (`format.SOURCE_LABEL_MAPS`): LV, MYO,
+    """Per plane of the stack, the unified labels its ground truth can hold (`core.vocab.SOURCE_LABEL_MAPS`): LV, MYO,
     RV on the short axis, LA on the 2-chamber view, LA and RA on the 4-chamber view, none on the 3-chamber view."""
     return [tuple(sorted(set(SOURCE_LABEL_MAPS.get(v, {}).values()))) for v in _plane_views(P)]
 
@@ -389,9 +391,8 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
             prm.requires_grad_(encoder_trainable)
         opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, enc_scale,
                                              p.layer_decay), lr=cfg.optim.lr)
-        warm, total = cfg.optim.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (
-            1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm)))))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_epochs * steps_per_epoch,
+                                                                     epochs * steps_per_epoch))
         for _ in range(epochs):
             model.train()
             if not encoder_trainable:
@@ -465,7 +466,7 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
         result["phenotype_reference"] = phenotype_reference(cfg, data)
     if cfg.task.name == "phenotypes":  # what `finetune predict` de-normalises the head's output with
         result["target_stats"] = {"mean": np_stats["mean"].tolist(), "std": np_stats["std"].tolist()}
-    result["data"] = training_data(cfg.data.dataset)  # conversion settings: predict preprocesses raw input alike
+    result["data"] = read_training_data(cfg.data.dataset)  # conversion settings: predict preprocesses raw input alike
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, default=float))
     write_predictions(cfg, out_dir, data["test"], test_pred, thresholds)
     write_outputs(cfg, out_dir, result, test_pred)
@@ -477,7 +478,7 @@ def write_predictions(cfg: FinetuneConfig, out_dir: Path, ds: SubjectDataset, pr
     """Per-subject test predictions a user can open: `predictions.csv` (the key — the eid for UK Biobank — and
     per phenotype the prediction and truth in original units; per disease the probability, the validation-chosen
     threshold, the decision and the label; per k-space sequence modality and view), and for segmentation one
-    NIfTI per subject and plane under `predictions/` (H, W, 1, T, labels of `format.LABELS`) with the stored
+    NIfTI per subject and plane under `predictions/` (H, W, 1, T, labels of `core.vocab.LABELS`) with the stored
     plane's geometry."""
     import csv
     import io

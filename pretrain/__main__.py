@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.config import add_config_arguments, add_show_config_command, cli_parser, config_from_args, run_cli
+from core.cli import add_config_arguments, add_show_config_command, cli_parser, config_from_args, run_cli
 from pretrain.config import PretrainConfig
 
 EPILOG = """examples:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text
 
 LATEST, COMPLETE = "latest", "COMPLETE"
 

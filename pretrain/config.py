@@ -5,7 +5,7 @@ One `PretrainConfig` covers the three stages the system trains with the same eng
   stage "tabular_clip" ViTa Stage II  image-tabular CLIP alignment
   stage "metaclip"     MetaCLIP-CMR   image-metadata-text CLIP with soft labels
 Paper values are the defaults where the papers give them; `configs/pretrain/*.yaml` hold the paper-scale and
-tiny configurations. Loaded with `data_prep.config.load_config` (strict keys and types, CLI overrides).
+tiny configurations. Loaded with `core.config.load_config` (strict keys and types, CLI overrides).
 """
 
 from __future__ import annotations

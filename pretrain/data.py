@@ -84,20 +84,19 @@ Public API
     build_loader(dataset_dir, cfg, *, rank, world_size, batch_size, seed, split="train", planes=None, frames=None)
         -> ResumableLoader (iterable of batches: dict of stacked tensors, "key" a list of str)
     samples_per_epoch(dataset_dir, split="train", subjects=None) -> int
-    nested_subset(keys, n), subset_shards(shards, manifest, n): the subset of `DataConfig.subjects`
+    nested_subset(keys, n), subset_shards(shards, manifest.blocks, n): the subset of `DataConfig.subjects`
     plus the pieces, for tests and other loaders: list_shards, epoch_shards, locate, slot_positions,
     slot_stream, ShuffleBuffer, SampleTransform, select_frames, augment_params, augment_image, collate.
     KSpaceTransform (pass as `transform=`): the same streams of converted k-space sequences, as MetaCLIP-CMR
     samples (slices x frames of single images, a metadata sentence, modality / view labels).
 
-Imports from data_prep only `data_prep.format` (no ray): this module runs on the GPU machines.
+Imports from data_prep only `core.format` (no ray): this module runs on the GPU machines.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
 import math
 import warnings
@@ -110,7 +109,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.format import LA_VIEWS, KSpaceSample, UKBSample, encode_array, normalise_tabular, plane_names
+from core.format import KSpaceSample, UKBSample, encode_array, normalise_tabular
+from core.manifest import Manifest
+from core.vocab import LA_VIEWS, plane_names
 from pretrain.config import DataConfig, MetaCLIPConfig
 
 log = logging.getLogger(__name__)
@@ -160,17 +161,10 @@ class Shard:
     keep: Optional[frozenset] = None  # None: every sample; else only these keys (a nested subset), in tar order
 
 
-def read_manifest(dataset_dir: PathLike) -> dict:
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {dataset_dir} a converted dataset directory?")
-    return json.loads(path.read_text())
-
-
-def list_shards(dataset_dir: PathLike, split: str = "train", manifest: Optional[dict] = None) -> list[Shard]:
+def list_shards(dataset_dir: PathLike, split: str = "train", manifest: Optional[Manifest] = None) -> list[Shard]:
     """The split's shards from the manifest, sorted by block id."""
-    m = read_manifest(dataset_dir) if manifest is None else manifest
-    rows = sorted((s for s in m.get("shards", []) if s["split"] == split), key=lambda s: (s["block"], s["path"]))
+    m = Manifest.load(dataset_dir) if manifest is None else manifest
+    rows = sorted((s for s in m.shards if s["split"] == split), key=lambda s: (s["block"], s["path"]))
     return [Shard(str(Path(dataset_dir) / s["path"]), int(s["samples"]), int(s["block"])) for s in rows]
 
 
@@ -179,7 +173,7 @@ def samples_per_epoch(dataset_dir: PathLike, split: str = "train", subjects: Opt
     `subjects` keys when given."""
     shards = list_shards(dataset_dir, split)
     if subjects is not None:
-        shards, _ = subset_shards(shards, read_manifest(dataset_dir), subjects)
+        shards, _ = subset_shards(shards, Manifest.load(dataset_dir).blocks, subjects)
     return sum(s.samples for s in shards)
 
 
@@ -215,11 +209,11 @@ def shard_keys(shard: Shard) -> list[str]:
     return keys
 
 
-def subset_shards(shards: Sequence[Shard], manifest: dict, n: int) -> tuple[list[Shard], str]:
+def subset_shards(shards: Sequence[Shard], blocks: Sequence[dict], n: int) -> tuple[list[Shard], str]:
     """The shards restricted to the nested subset of n keys of all their samples: each with its kept keys and
     count, shards without any left out, in the same order; and the subset's digest (a hash of its sorted keys).
-    A shard's keys come from the manifest's block list (the tar headers when the manifest has none)."""
-    by_block = {int(b["id"]): list(b["keys"]) for b in manifest.get("blocks", [])}
+    A shard's keys come from the manifest's block list `blocks` (the tar headers when it has none)."""
+    by_block = {int(b["id"]): list(b["keys"]) for b in blocks}
     keys = {s.block: by_block[s.block] if s.block in by_block else shard_keys(s) for s in shards}
     for s in shards:
         if len(keys[s.block]) != s.samples:
@@ -236,13 +230,6 @@ def subset_shards(shards: Sequence[Shard], manifest: dict, n: int) -> tuple[list
             out.append(replace(s, samples=len(mine), keep=mine))
     digest = hashlib.sha256("\n".join(sorted(kept)).encode()).hexdigest()[:16]
     return out, digest
-
-
-def tabular_stats(manifest: dict) -> Optional[dict]:
-    """The manifest's current training statistics of the tabular features, or None."""
-    tab = manifest.get("tabular") or {}
-    version = tab.get("current_stats")
-    return (tab.get("stats") or {}).get(version) if version is not None else None
 
 
 # --- which shards a slot reads, and where a position lies ------------------------------------------------------
@@ -780,13 +767,13 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
         raise ValueError(f"rank {rank} of world size {world_size}")
     if dataset_dir is None:
         dataset_dir = cfg.dataset
-    manifest = read_manifest(dataset_dir)
+    manifest = Manifest.load(dataset_dir)
     shards = list_shards(dataset_dir, split, manifest)
     if not shards:
         raise ValueError(f"{dataset_dir}: no {split!r} shards in the manifest")
     subset = None
     if cfg.subjects is not None:
-        shards, subset = subset_shards(shards, manifest, cfg.subjects)
+        shards, subset = subset_shards(shards, manifest.blocks, cfg.subjects)
         log.info("data.subjects=%d: %d %s samples in %d shards (subset %s)", cfg.subjects,
                  sum(s.samples for s in shards), split, len(shards), subset)
     slots = world_size * max(cfg.workers, 1)
@@ -795,7 +782,7 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
                       f"repeats each sample about {slots / len(shards):.1f} times (use fewer workers or ranks, or "
                       f"smaller blocks)", stacklevel=2)
     if transform is None:
-        transform = SampleTransform(cfg, seed, tabular_stats(manifest), planes, frames)
+        transform = SampleTransform(cfg, seed, manifest.tabular_stats(), planes, frames)
     drop = () if cfg.seg else ("seg.arr",)
     ds = RankDataset(shards, transform, rank=rank, world_size=world_size, workers=cfg.workers, seed=int(seed),
                      shuffle_buffer=cfg.shuffle_buffer, drop=drop)

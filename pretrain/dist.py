@@ -10,9 +10,10 @@ Backend: NCCL on GPUs, gloo on CPU (DS_ACCELERATOR=cpu).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
+
+from core.net import free_port
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,6 @@ def _first_host(nodelist: str) -> str:
     return head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def detect() -> DistEnv:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -57,7 +52,7 @@ def detect() -> DistEnv:
         addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                        addr, port, "srun")
-    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "none")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port("127.0.0.1"), "none")
 
 
 def die_with_launcher() -> bool:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_prep.config import config_to_dict, load_config
-from data_prep.fsutil import atomic_path, atomic_write_text
+from core.config import config_to_dict, load_config
+from core.fsutil import atomic_path, atomic_write_text
+from core.manifest import read_training_data
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 
@@ -33,24 +34,6 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     # ZeRO stage 0: the full module is in the model-states file
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
-
-
-#: The k-space conversion settings that decide a stored sequence (`data_prep.jobs.kspace.KSpaceJobConfig`).
-KSPACE_PREPROCESS = ("size", "keep_aspect", "readout_oversampling")
-
-
-def training_data(dataset) -> dict | None:
-    """{"dataset": kind, "preprocess": the conversion settings} of the run's training dataset, from its manifest:
-    what `finetune.api.Encoder.preprocess` needs to turn a raw subject into the samples the encoder saw. None when
-    the manifest is not readable (a moved dataset): the export then says nothing rather than something wrong."""
-    try:
-        manifest = json.loads((Path(dataset) / "manifest.json").read_text())
-    except (OSError, TypeError, ValueError):
-        return None
-    config = manifest.get("config") or {}
-    if manifest.get("dataset") == "kspace":  # the k-space job's image settings sit at its config's top level
-        return {"dataset": "kspace", "preprocess": {k: config[k] for k in KSPACE_PREPROCESS if k in config}}
-    return {"dataset": manifest.get("dataset"), "preprocess": config.get("preprocess")}
 
 
 def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -69,7 +52,7 @@ def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "architecture": arch, "checkpoint": tag,
             "run": str(run_dir.resolve())}
     return write_export(out, encoder, {"model": config_to_dict(cfg.model), **meta,
-                                       "provenance": provenance(cfg, meta), "data": training_data(cfg.data.dataset)})
+                                       "provenance": provenance(cfg, meta), "data": read_training_data(cfg.data.dataset)})
 
 
 def write_export(out: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
@@ -161,6 +144,7 @@ def load_encoder(path: str | Path):
     from safetensors.torch import load_file
 
     from pretrain.config import ViTConfig
+    from pretrain.models.clip import encoder_weights_path
     from pretrain.models.metaclip import build_image_encoder
 
     path = Path(path)
@@ -174,13 +158,10 @@ def load_encoder(path: str | Path):
         arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
         meta = {"stage": cfg.stage, "architecture": arch, "checkpoint": tag, "run": str(path.resolve()),
                 "provenance": provenance(cfg, {"stage": cfg.stage, "run": str(path.resolve()), "checkpoint": tag}),
-                "data": training_data(cfg.data.dataset)}
+                "data": read_training_data(cfg.data.dataset)}
         vit = cfg.model
     else:
-        if path.is_dir():
-            path = path / "encoder.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
+        path = encoder_weights_path(path)
         meta = yaml.safe_load((path.parent / "encoder_config.yaml").read_text())
         vit = load_config(ViTConfig, None, [f"{k}={json.dumps(v)}" for k, v in meta["model"].items()])
         state = load_file(str(path))

@@ -15,7 +15,6 @@ repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -24,14 +23,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from data_prep.config import ConfigError, dump_config, eta, flat_config, project_path, save_resolved_config
-from data_prep.format import read_dataset_manifest
-from data_prep.fsutil import atomic_write_text
+from core.cli import eta
+from core.config import ConfigError, dump_config, flat_config, project_path, save_resolved_config
+from core.fsutil import atomic_write_text
+from core.manifest import Manifest
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
 from pretrain.models.precision import fp32_batchnorm
 from pretrain.models.vit import MaskedAutoencoder, flops_per_sample, num_tokens, sdpa_backend_report
+from pretrain.schedule import warmup_cosine
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
 
@@ -53,18 +54,9 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
 
 
 def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
-    """Linear warm-up over `warmup_epochs`, then cosine to 0 over the rest of the run."""
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch
-    total = cfg.train.epochs * steps_per_epoch
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.optim.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
+    """Linear warm-up over `warmup_epochs`, then cosine to 0 over the rest of the run (or constant)."""
+    return warmup_cosine(cfg.optim.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch,
+                         constant=cfg.optim.schedule == "constant")
 
 
 def text_corpus(dataset_dir: Path, run_dir: Path) -> list[str]:
@@ -91,10 +83,10 @@ def build_model(cfg: PretrainConfig, dataset_dir: Path, corpus: Optional[list[st
     if cfg.stage == "tabular_clip":
         from pretrain.models.clip import ImageTabularCLIP
 
-        manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-        if "stats" not in manifest.get("tabular", {}):
+        manifest = Manifest.load(dataset_dir)
+        if "stats" not in manifest.tabular:
             raise ValueError(f"{dataset_dir}: no tabular features/statistics (convert with --tabular)")
-        model = ImageTabularCLIP(cfg.model, cfg.tabular, manifest["tabular"]["features"])
+        model = ImageTabularCLIP(cfg.model, cfg.tabular, manifest.tabular_features)
     else:
         from pretrain.models.metaclip import MetaCLIP
 
@@ -111,19 +103,19 @@ def train_flops(cfg: PretrainConfig, model: torch.nn.Module) -> Optional[float]:
     return model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None
 
 
-def build_transform(cfg: PretrainConfig, manifest: dict, train: bool):
+def build_transform(cfg: PretrainConfig, manifest: Manifest, train: bool):
     """The per-sample transform of the stage's loader (None: the default UK Biobank `SampleTransform`) and, for
     evaluation (`train=False`), a deterministic one without augmentation."""
     from dataclasses import replace
 
-    from pretrain.data import KSpaceTransform, SampleTransform, tabular_stats
+    from pretrain.data import KSpaceTransform, SampleTransform
 
     if cfg.stage == "metaclip":
         return KSpaceTransform(cfg.data, cfg.metaclip, cfg.train.seed, train=train)
     if train:
         return None
     plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False)
-    return SampleTransform(plain, cfg.train.seed, tabular_stats(manifest), frames=cfg.model.frames)
+    return SampleTransform(plain, cfg.train.seed, manifest.tabular_stats(), frames=cfg.model.frames)
 
 
 def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -138,7 +130,7 @@ def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: 
             "tab_missing": batch["tabular_missing"].to(device, non_blocking=True)}
 
 
-def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: dict, device: torch.device,
+def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: Manifest, device: torch.device,
              dtype: torch.dtype, cache: dict) -> dict:
     """Collective: validation of a stage (`pretrain/evaluate.py`): Stage I reconstruction PSNR against its two
     references (the training mean image is computed once and kept in `cache`); retrieval and loss of a
@@ -233,11 +225,11 @@ class StopSignal:
 STAGE_DATASET = {"mae": "ukb", "tabular_clip": "ukb", "metaclip": "kspace"}  # what each stage trains on
 
 
-def preflight(cfg: PretrainConfig, check_device: bool = True) -> dict:
+def preflight(cfg: PretrainConfig, check_device: bool = True) -> Manifest:
     """Checks that need no GPU, Ray or DeepSpeed, run before any of them starts (and by `cluster submit` before
     anything is queued, `check_device` off there); a ConfigError line each. Returns the dataset's manifest."""
-    manifest = read_dataset_manifest(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
-    geometry = manifest.get("geometry") or {}  # UK Biobank only (the k-space loader resizes on load)
+    manifest = Manifest.load(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
+    geometry = manifest.geometry  # UK Biobank only (the k-space loader resizes on load)
     if geometry.get("crop") not in (None, cfg.model.img_size):
         raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds "
                           f"{geometry['crop']}-pixel images")

@@ -126,7 +126,7 @@ def test_time_notation():
 
 def test_flags_and_overrides_map_to_the_cluster_config():
     from cluster.__main__ import build_parser, slurm_config, split_overrides
-    from data_prep.config import ConfigError
+    from core.config import ConfigError
 
     args = build_parser().parse_args(
         ["submit", "pretrain", "--config", str(TINY),
@@ -160,7 +160,7 @@ def test_flags_and_overrides_map_to_the_cluster_config():
 
 def test_sweep_expansion():
     from cluster.__main__ import expand_sweep, sweep_tag
-    from data_prep.config import ConfigError
+    from core.config import ConfigError
 
     points = expand_sweep(["task.name=phenotypes,diseases", "seed=0,1"])
     assert points == [["task.name=phenotypes", "seed=0"], ["task.name=phenotypes", "seed=1"],

@@ -8,15 +8,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from data_prep.config import (
-    ConfigError,
-    add_config_arguments,
-    config_from_args,
-    config_to_dict,
-    dump_config,
-    load_config,
-    save_resolved_config,
-)
+from core.cli import add_config_arguments, config_from_args
+from core.config import ConfigError, config_to_dict, dump_config, load_config, save_resolved_config
 
 
 class Precision(enum.Enum):
@@ -207,7 +200,7 @@ def test_argparse_helpers(tmp_path):
 
 
 def test_eta_from_the_pace_so_far():
-    from data_prep.config import eta
+    from core.cli import eta
 
     assert eta(10.0, 1, 10) == "eta 1m30s"  # 9 units left at 10 s each
     assert eta(3600.0, 1, 3) == "eta 2h00m" and eta(1.0, 2, 4) == "eta 1s"
@@ -217,7 +210,7 @@ def test_eta_from_the_pace_so_far():
 def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
     """`--config configs/...` from outside the checkout reads the project's file; a relative path that exists in
     the working directory wins; a missing one names both places it looked."""
-    from data_prep.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
     from pretrain.config import PretrainConfig
 
     monkeypatch.chdir(tmp_path)
@@ -227,7 +220,7 @@ def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
     assert load_config(PretrainConfig, "configs/pretrain/vita_stage1_tiny.yaml").stage == "tabular_clip"
     with pytest.raises(ConfigError, match="current directory.*then from the project"):
         load_config(PretrainConfig, "configs/pretrain/nope.yaml")
-    from data_prep.config import project_path
+    from core.config import project_path
     from pretrain.train import deepspeed_config
 
     assert project_path("configs/deepspeed/zero2.json").is_file()  # the DeepSpeed tuning files alike
@@ -237,7 +230,7 @@ def test_a_project_config_is_found_from_any_directory(tmp_path, monkeypatch):
 def test_flat_config_for_tensorboard_hparams(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from data_prep.config import flat_config
+    from core.config import flat_config
     from pretrain.config import PretrainConfig
 
     flat = flat_config(PretrainConfig())

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.format import DISEASES, PHENOTYPES, UKBSample, normalise_tabular
+from core.format import UKBSample, normalise_tabular
+from core.vocab import DISEASES, PHENOTYPES
 from pretrain import data as D
 from pretrain.config import DataConfig
 
@@ -259,7 +260,7 @@ def test_augment_image_rotates_flips_and_stays_in_range():
 
 
 # --- the dependency rule ----------------------------------------------------------------------------------------
-def test_data_module_imports_only_the_light_data_prep_modules():
+def test_data_module_imports_neither_ray_nor_the_conversion():
     tree = ast.parse((ROOT / "pretrain" / "data.py").read_text())
     names = set()
     for node in ast.walk(tree):
@@ -268,8 +269,8 @@ def test_data_module_imports_only_the_light_data_prep_modules():
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
     assert not any(n.split(".")[0] == "ray" for n in names)
-    assert {n for n in names if n.split(".")[0] == "data_prep"} <= {"data_prep.format", "data_prep.config",
-                                                                    "data_prep.fsutil"}
+    assert not any(n.split(".")[0] == "data_prep" for n in names)
+    assert "core.format" in names and "core.manifest" in names  # the sample format and the manifest, from core
 
 
 def test_an_exception_in_the_trainer_ends_the_process_despite_workers_ignoring_sigterm(dataset):

@@ -132,7 +132,7 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     code = block[block.index("```python\n") + 10:block.index("\n```", block.index("```python"))]
     ns: dict = {}
     exec(compile(code.replace('"runs/demo', f'"{demo}'), "README.md (From Python)", "exec"), ns)
-    from data_prep.format import StoreReader
+    from core.format import StoreReader
     from pretrain.data import select_frames
 
     subject = sorted((demo / "cohort/ukb").iterdir())[0].name

@@ -15,8 +15,9 @@ import pytest
 import webdataset as wds
 import zarr
 
-from data_prep.format import _Sample, decode_key, split_of
+from core.format import _Sample, decode_key
 from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, run_job
+from data_prep.splits import split_of
 
 
 @dataclass
@@ -131,7 +132,7 @@ def test_quarantined_inputs_are_not_retried_until_their_files_change(tmp_path):
 
 
 def test_block_size_and_splits_are_fixed_for_a_dataset(tmp_path):
-    from data_prep.config import ConfigError
+    from core.config import ConfigError
 
     cfg = JobConfig(out=tmp_path / "out", block_size=4, workers=2)
     run_job(ToyDataset(), _items(["5000000"], tmp_path), cfg, cfg, progress=False)

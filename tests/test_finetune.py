@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.config import load_config
+from core.config import load_config
 from finetune.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_embed_cli_writes_one_embedding_per_subject(cohort60, tmp_path):
     import yaml
     from safetensors.torch import save_file
 
-    from data_prep.config import config_to_dict
+    from core.config import config_to_dict
     from pretrain.models.vit import ViTEncoder
 
     cfg = _cfg(cohort60, tmp_path / "x")

@@ -13,8 +13,8 @@ from sklearn import metrics as skm
 
 from finetune import figures, report
 from finetune.metrics import (accuracy, balanced_accuracy, choose_threshold, classification_metrics,
-                              mean_guess_metrics, regression_metrics, retrieval_topk, segmentation_metrics,
-                              volume_dice)
+                              mean_guess_metrics, regression_metrics, segmentation_metrics, volume_dice)
+from pretrain.evaluate import retrieval_topk
 
 # ------------------------------------------------------------------------------------------------- regression
 
@@ -352,7 +352,7 @@ def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
     LVEF, ignores missing values, and gives NaN for a disease with one class in training."""
     from types import SimpleNamespace
 
-    from data_prep.format import PHENOTYPES
+    from core.vocab import PHENOTYPES
     from finetune.config import FinetuneConfig
     from finetune.train import phenotype_reference
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.format import (DISEASES, PHENOTYPES, SPLITS, KSpaceSample, UKBSample, decode_array, encode_array,
-                              plane_names, split_of, stratified_group_splits)
+from core.format import KSpaceSample, UKBSample, decode_array, encode_array
+from core.vocab import DISEASES, PHENOTYPES, SPLITS, plane_names
+from data_prep.splits import split_of, stratified_group_splits
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8, np.int8, np.int16, bool])

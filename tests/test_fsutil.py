@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from data_prep.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
+from core.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def test_atomic_write_bytes_and_text(tmp_path):

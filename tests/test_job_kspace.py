@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import webdataset as wds
 
-from data_prep.format import KSpaceSample, StoreReader
+from core.format import KSpaceSample, StoreReader
 from data_prep.jobs.engine import JobConfig
 from data_prep.jobs.kspace import KSpaceJobConfig, run
 from data_prep.preprocess_kspace import preprocess_kspace_file
@@ -189,8 +189,8 @@ def test_demo_cohort_has_every_stratum_in_every_split_and_grows_stably():
 
 
 def test_ukb_and_older_kspace_datasets_keep_the_hash_split():
-    from data_prep.format import split_of
     from data_prep.jobs.engine import _plan_blocks, _split_state
+    from data_prep.splits import split_of
 
     assert _split_state(None, "hash") == {"name": "hash"}
     assert _split_state({"blocks": []}, {"name": "stratified"}) == {"name": "hash"}  # created before the scheme

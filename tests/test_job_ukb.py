@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_prep.format import DISEASES, PHENOTYPES, StoreReader, UKBSample, normalise_tabular, split_of
+from core.format import StoreReader, UKBSample, normalise_tabular
+from core.vocab import DISEASES, PHENOTYPES
 from data_prep.jobs.engine import JobConfig
 from data_prep.jobs.ukb import UKBJobConfig, discover, run
 from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
 from data_prep.sources.ukb_nifti import read_ukb_nifti_dir
+from data_prep.splits import split_of
 from data_prep.tabular import extract_features, load_feature_spec, read_ukb_csv
 
 ROOT = Path(__file__).resolve().parents[1]

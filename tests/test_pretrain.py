@@ -323,7 +323,7 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path)
 def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
     from safetensors.torch import load_file
 
-    from data_prep.config import load_config
+    from core.config import load_config
     from pretrain.config import PretrainConfig
     from pretrain.export import export_encoder
     from pretrain.train import build_model

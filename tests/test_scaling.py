@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.config import ConfigError, load_config
-from data_prep.format import DISEASES, PHENOTYPES, UKBSample
+from core.config import ConfigError, load_config
+from core.format import UKBSample
+from core.manifest import Manifest
+from core.vocab import DISEASES, PHENOTYPES
 from pretrain import data as D
 from pretrain.config import DataConfig
 
@@ -98,8 +100,8 @@ def test_loader_reads_only_the_subset_in_exact_passes(dataset, world):
     if world == 1:  # one slot: every pass is exact
         assert sorted(seen) == sorted(list(subset) * passes)
     # the manifest's block list and the tar headers give the same subset
-    no_blocks = D.subset_shards(D.list_shards(dataset), {}, n)
-    assert no_blocks == D.subset_shards(D.list_shards(dataset), json.loads((dataset / "manifest.json").read_text()), n)
+    no_blocks = D.subset_shards(D.list_shards(dataset), (), n)
+    assert no_blocks == D.subset_shards(D.list_shards(dataset), Manifest.load(dataset).blocks, n)
     assert sum(s.samples for s in no_blocks[0]) == n and all(s.keep <= subset for s in no_blocks[0])
 
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.format import DISEASES
+from core.vocab import DISEASES
 from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
 from data_prep.synth.cohort import SynthConfig, generate

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.format import DISEASES
+from core.vocab import DISEASES
 from data_prep import ukb_fields as U
 from data_prep.synth import tabular as T
 from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.format import normalise_tabular
+from core.format import normalise_tabular
 from pretrain.config import TabularConfig
 from pretrain.models.tabular import ProjectionHead, TabularEncoder, check_schema, corrupt
 

@@ -39,9 +39,10 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 import numpy as np
 
-from data_prep.config import ConfigError, config_to_dict
-from data_prep.format import KEY_BYTES, SCHEMA_VERSION, STRATIFIED_SALT, encode_key, split_of, stratified_group_splits
-from data_prep.fsutil import atomic_path, atomic_write_text, dir_bytes
+from core.config import ConfigError, config_to_dict
+from core.format import KEY_BYTES, SCHEMA_VERSION, encode_key
+from core.fsutil import atomic_path, atomic_write_text, dir_bytes
+from data_prep.splits import STRATIFIED_SALT, split_of, stratified_group_splits
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import KSpaceSample
+from core.format import KSpaceSample
 from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
 from data_prep.preprocess_kspace import MODALITIES, VIEWS, preprocess_kspace_file
 from data_prep.sources.kspace import parse_relpath, patient_key, sequence_key, stratum
@@ -115,7 +115,7 @@ class KSpaceDataset:
 
 
 def run(cfg: KSpaceJobConfig, progress: bool = True):
-    from data_prep.config import save_resolved_config
+    from core.config import save_resolved_config
     from data_prep.jobs.engine import run_job
 
     items, skipped, ignored = discover(cfg.src, cfg.fully_sampled_only)

@@ -82,7 +82,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from data_prep.format import MODALITIES, VIEWS
+from core.vocab import MODALITIES, VIEWS
 
 __all__ = [
     "DEFAULT_KEY",
@@ -104,7 +104,7 @@ __all__ = [
 
 DEFAULT_KEY = "kspace_full"
 
-# Modality and view labels for classification: defined with the sample format (`data_prep.format`)
+# Modality and view labels for classification: defined with the sample format (`core.format`)
 
 # --------------------------------------------------------------------------------------
 # Path layout

@@ -7,13 +7,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_prep.format import SOURCE_LABEL_MAPS
+from core.config import InputError
+from core.vocab import SOURCE_LABEL_MAPS
 from data_prep.sources import CINE_VIEWS, SEGMENTED_VIEWS, CineStudy
 from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
-
-
-class InputError(ValueError):
-    """A subject's input cannot be used; the message names the file and the reason."""
 
 
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -44,7 +41,7 @@ def _check_link(path: Path) -> None:
 
 def _check_labels(path: Path, view: str, seg: np.ndarray) -> np.ndarray:
     """The segmentation as uint8 once every value is one of the plane's documented ukbb_cardiac labels
-    (`format.SOURCE_LABEL_MAPS` and background): an unknown label (7, 200, -1, 1.5) would otherwise turn into
+    (`core.vocab.SOURCE_LABEL_MAPS` and background): an unknown label (7, 200, -1, 1.5) would otherwise turn into
     background and the subject be written with a zero volume."""
     allowed = {0, *SOURCE_LABEL_MAPS["sa" if view.startswith("sa") else view]}
     values = np.unique(seg)

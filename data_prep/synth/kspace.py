@@ -104,7 +104,7 @@ import h5py
 import numpy as np
 import scipy.io
 
-from data_prep.fsutil import atomic_path
+from core.fsutil import atomic_path
 from data_prep.mri import centered_fft2
 # Reading side (path layout, MAT reader) lives in data_prep.sources.kspace; re-exported here.
 from data_prep.sources.kspace import DEFAULT_KEY, RELPATH_RE, parse_relpath, read_kspace_mat
@@ -847,7 +847,7 @@ def _mat73_userblock() -> bytes:
 
 @contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """Create the parent folders, then :func:`data_prep.fsutil.atomic_path` (temp file in
+    """Create the parent folders, then :func:`core.fsutil.atomic_path` (temp file in
     the same directory, fsync, ``os.replace``; removed on error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -49,8 +49,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from core.fsutil import atomic_write_text
 from data_prep import ukb_fields as U
-from data_prep.fsutil import atomic_write_text
 from data_prep.synth.physiology import Subject
 
 TABULAR_CSV_NAME = "ukb_tabular.csv"

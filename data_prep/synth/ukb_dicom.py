@@ -26,7 +26,6 @@ seeded shuffled order with constant timestamps, so the same inputs and seed give
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -36,7 +35,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -44,6 +43,8 @@ from pydicom.datadict import keyword_dict
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
+
+from core.fsutil import atomic_path
 
 __all__ = [
     "CinePlane",
@@ -174,26 +175,6 @@ def _window(px: np.ndarray) -> tuple[str, str]:
     lo, hi = np.percentile(px, [0.5, 99.5])
     width = max(float(hi - lo), 1.0)
     return _ds(round((float(hi) + float(lo)) / 2.0)), _ds(round(width))
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    try:
-        from data_prep.fsutil import atomic_path
-    except ImportError:  # pragma: no cover - fsutil ships with the package
-        atomic_path = None
-    if atomic_path is not None:
-        with atomic_path(path) as tmp:
-            yield tmp
-        return
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -455,7 +436,7 @@ def write_ukb_dicom_zip(
         writer.writerow(frames[j].manifest_row)
 
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
             for j in order:
                 _writestr(zf, frames[j].name, frames[j].data, compresslevel)

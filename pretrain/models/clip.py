@@ -20,15 +20,21 @@ from pretrain.models.tabular import MLP_RATIO, ProjectionHead, TabularEncoder
 from pretrain.models.vit import ViTEncoder, blocks_flops, num_tokens, visible_tokens
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """Initialise `encoder` from an earlier stage's `encoder.safetensors` (or a run directory holding it)."""
-    from safetensors.torch import load_file
-
+def encoder_weights_path(path: str | Path) -> Path:
+    """An export's `encoder.safetensors`, given it or the folder holding it; FileNotFoundError when absent."""
     path = Path(path)
     if path.is_dir():
         path = path / "encoder.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no encoder export (python -m pretrain export --run ...)")
+    return path
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """Initialise `encoder` from an earlier stage's `encoder.safetensors` (or a run directory holding it)."""
+    from safetensors.torch import load_file
+
+    path = encoder_weights_path(path)
     missing, unexpected = encoder.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: encoder weights do not match the configured model "

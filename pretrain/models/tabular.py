@@ -1,6 +1,6 @@
 """ViTa Stage II tabular encoder (Zhang et al. 2025, Sec. 3.2, 4.1-4.2) and the CLIP projection head.
 
-Input: the output of `data_prep.format.normalise_tabular` for a batch,
+Input: the output of `core.format.normalise_tabular` for a batch,
     values   (B, F) float   numerical features z-scored (missing -> 0), categorical / binary features as integer
                             category indices 0..K-1 stored as floats (missing -> the training mode)
     missing  (B, F) bool    True where the raw feature was missing (NaN)

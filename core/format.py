@@ -12,7 +12,6 @@ loaders on GPU machines import this module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -20,89 +19,9 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from core.manifest import Manifest
+
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
-
-# --- UK Biobank cine -------------------------------------------------------------------------------------------
-LA_VIEWS = ("la_2ch", "la_3ch", "la_4ch")
-# one label space over all planes: the SA labels, then the LA labels remapped after them
-LABELS = ("background", "LV", "MYO", "RV", "LA", "RA")
-SOURCE_LABEL_MAPS = {  # ukbb_cardiac label -> unified label, per plane kind
-    "sa": {1: 1, 2: 2, 3: 3},
-    "la_2ch": {1: 4},
-    "la_4ch": {1: 4, 2: 5},
-}
-DISEASES = ("cad", "infarct", "hypertension", "high_blood_pressure", "diabetes", "stroke")
-PHENOTYPES = ("LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF",
-              "LAVmax", "LAVmin", "LASV", "LAEF", "RAVmax", "RAVmin", "RASV", "RAEF")
-
-
-# --- k-space sequences: classification labels (index = the integer label stored; append only) ---------------------
-MODALITIES: tuple[str, ...] = ("cine", "t1map", "t2map", "lge", "blackblood")
-VIEWS: tuple[str, ...] = ("sax", "2ch", "3ch", "4ch", "lvot")
-
-
-def plane_names(sa_planes: int) -> tuple[str, ...]:
-    """Plane order of the image stack: SA slices base to apex, then the long-axis views."""
-    return tuple(f"sa_{i}" for i in range(sa_planes)) + LA_VIEWS
-
-
-def split_of(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1, salt: str = "cmrfm-split-v1") -> str:
-    """Stable split from a hash of the key alone: adding subjects never moves an existing one."""
-    u = int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
-    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-
-
-STRATIFIED_SALT = "cmrfm-strata-v1"
-
-
-def stratified_group_splits(units: dict[str, dict[str, int]], counts: dict[str, dict[str, int]] | None = None,
-                            fixed: dict[str, str] | None = None, val_fraction: float = 0.1,
-                            test_fraction: float = 0.1, salt: str = STRATIFIED_SALT) -> dict[str, str]:
-    """A split per *group* (e.g. a patient: all its scans in one split, no leakage) such that within every
-    *stratum* (e.g. (modality, view)) the split counts follow the fractions as closely as the groups allow.
-
-    units:  group -> {stratum: number of new items of that group}
-    counts: stratum -> {split: items already in that split} (the dataset so far; not modified)
-    fixed:  group -> split for groups that already have one: their new items follow it, whatever the balance
-    Returns group -> split for every group of `units`.
-
-    New groups are placed one at a time in the order of a salted hash of the group (a function of the group
-    alone, not of the input order), each into the split with a positive fraction that minimises the squared
-    deviation of its strata's counts from `fraction x stratum total`; ties go to `split_of(group)`, then train,
-    val, test. Placing never moves what is placed: a larger archive converted later keeps every earlier group
-    where it was (the conversion engine passes the manifest's groups as `fixed` and its counts as `counts`).
-    """
-    frac = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
-    c: dict[str, dict[str, int]] = {s: {p: int((counts or {}).get(s, {}).get(p, 0)) for p in SPLITS}
-                                    for s in set(counts or {}) | {s for u in units.values() for s in u}}
-    out: dict[str, str] = {}
-
-    def add(group: str, split: str) -> None:
-        out[group] = split
-        for s, n in units[group].items():
-            c[s][split] += int(n)
-
-    for g in sorted(units):
-        if fixed and g in fixed:
-            add(g, fixed[g])
-    order = sorted((g for g in units if g not in out),
-                   key=lambda g: (hashlib.sha256(f"{salt}:{g}".encode()).digest(), g))
-    for g in order:
-        first = split_of(g, val_fraction, test_fraction, salt)
-        cands = [p for p in (first, *SPLITS) if frac[p] > 0]
-        cands = list(dict.fromkeys(cands)) or ["train"]
-        best, best_cost = cands[0], None
-        for p in cands:
-            cost = 0.0
-            for s, n in units[g].items():
-                total = sum(c[s].values()) + n
-                cost += sum((c[s][q] + (n if q == p else 0) - frac[q] * total) ** 2 for q in SPLITS)
-            if best_cost is None or cost < best_cost - 1e-9:
-                best, best_cost = p, cost
-        add(g, best)
-    return out
-
 
 # --- keys in the Zarr store: fixed-width UTF-8 bytes (a stable Zarr v3 dtype, unlike strings) ----------------
 KEY_BYTES = 128
@@ -227,17 +146,15 @@ class StoreReader:
     chunks of one subject. Only rows the manifest lists are visible.
     """
 
-    def __init__(self, out: str):
-        from pathlib import Path
-
+    def __init__(self, out: str | Path):
         import zarr
 
         self.out = Path(out)
-        self.manifest = json.loads((self.out / "manifest.json").read_text())
-        self.group = zarr.open_group(self.out / self.manifest["store"], mode="r")
-        self.block_size = self.manifest["block_size"]
-        self.rows = {k: r for b in self.manifest["blocks"] for k, r in zip(b["keys"], b["rows"])}
-        self.split = {k: b["split"] for b in self.manifest["blocks"] for k in b["keys"]}
+        self.manifest = Manifest.load(self.out)
+        self.group = zarr.open_group(self.out / self.manifest.store, mode="r")
+        self.block_size = self.manifest.block_size
+        self.rows = self.manifest.rows
+        self.split = self.manifest.splits
         self._meta: dict[int, dict[int, dict]] = {}
 
     def keys(self, split: str | None = None) -> list[str]:
@@ -266,33 +183,3 @@ class StoreReader:
         t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
         image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
         return KSpaceSample(key=key, image=image, meta=self.meta(key))
-
-
-# --- the manifest, read before anything expensive starts -------------------------------------------------------
-DATASET_KINDS = ("ukb", "kspace")  # manifest["dataset"]: what `python -m data_prep ukb|kspace` wrote
-
-
-def read_dataset_manifest(dataset: str | Path, kinds: tuple[str, ...] = DATASET_KINDS,
-                          setting: str = "dataset") -> dict:
-    """A converted dataset's manifest, checked: one ConfigError line naming the setting, the path and the reason
-    (missing folder, no or unreadable manifest, another kind of dataset than `kinds`)."""
-    from data_prep.config import ConfigError
-
-    root = Path(dataset)
-    path = root / "manifest.json"
-    hint = "convert one first: python -m data_prep ukb|kspace --out DIR"
-    if not root.is_dir():
-        raise ConfigError(f"{setting}: {root} does not exist ({hint})")
-    if not path.is_file():
-        raise ConfigError(f"{setting}: {path}: no manifest, so {root} is not a converted dataset ({hint})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{setting}: {path}: unreadable manifest ({type(e).__name__}: {e})") from e
-    if not isinstance(manifest, dict) or "dataset" not in manifest or "shards" not in manifest:
-        raise ConfigError(f"{setting}: {path}: not a cmrfm dataset manifest (no 'dataset' and 'shards')")
-    if manifest["dataset"] not in kinds:
-        raise ConfigError(f"{setting}: {root} is a {manifest['dataset']!r} dataset; this needs "
-                          + " or ".join(repr(k) for k in kinds))
-    return manifest
-
