@@ -28,25 +28,24 @@ def update_benchmarks(text: str, header: str) -> None:
 
 
 def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Module:
-    """The stage's model through the trainer's own `build_model`, with random weights (`checkpoint.init_from` is
-    ignored: speed and memory do not depend on the values). Stage II needs the dataset's tabular schema: from
-    `dataset` when given, else the one the UK Biobank conversion writes (configs/data_prep/ukb_features.yaml,
-    117 features) in a throw-away manifest; `build_model` reads only its schema, the statistics are the loader's."""
+    """The stage's model through the stage's own builder (`pretrain.stages`), with random weights
+    (`checkpoint.init_from` is ignored: speed and memory do not depend on the values). Stage II needs the dataset's
+    tabular schema: from `dataset` when given, else the one the UK Biobank conversion writes
+    (configs/data_prep/ukb_features.yaml, 117 features); the builder reads only the schema."""
     import dataclasses
-    import json
-    import tempfile
 
-    from pretrain.train import build_model
+    from core.manifest import Manifest
+    from pretrain.stages import get_stage
 
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None))
+    stage = get_stage(cfg.stage)
     if dataset is not None or cfg.stage != "tabular_clip":
-        return build_model(cfg, dataset or cfg.data.dataset)
+        return stage.build_model(cfg, Manifest.load(dataset or cfg.data.dataset))
     from data_prep.tabular import feature_schema, load_feature_spec
 
     schema = feature_schema(load_feature_spec(ROOT / "configs/data_prep/ukb_features.yaml"))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "manifest.json").write_text(json.dumps({"tabular": {"features": schema, "stats": {}}}))
-        return build_model(cfg, Path(tmp))
+    return stage.build_model(cfg, Manifest.from_dict(ROOT, {"dataset": "ukb",
+                                                            "tabular": {"features": schema, "stats": {}}}))
 
 
 def stage_engine(cfg: PretrainConfig, world: int, dataset: Path | None = None):
@@ -69,10 +68,10 @@ def stage_engine(cfg: PretrainConfig, world: int, dataset: Path | None = None):
 def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device: torch.device,
                  dtype: torch.dtype) -> dict:
     """An in-memory batch as the stage's loader yields it (images in [0, 1]; Stage II: normalised tabular values,
-    valid category indices, 20 % missing), through the trainer's `model_inputs`."""
+    valid category indices, 20 % missing), through the stage's `inputs`."""
     import torch
 
-    from pretrain.train import model_inputs
+    from pretrain.stages import get_stage
 
     m = cfg.model
     out = {"image": torch.rand(batch, m.sa_planes + m.la_planes, m.frames, m.img_size, m.img_size)}
@@ -83,4 +82,4 @@ def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device
         out.update(tabular_values=values, tabular_missing=missing)
     elif cfg.stage != "mae":
         raise ValueError(f"stage {cfg.stage!r}: no in-memory batches (Stage I and II only)")
-    return model_inputs(cfg, out, device, dtype)
+    return get_stage(cfg.stage).inputs(cfg, out, device, dtype)

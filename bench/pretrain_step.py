@@ -41,7 +41,8 @@ def measure(cfg: PretrainConfig, label: str, steps: int, backend: str | None, da
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pretrain.models.vit import num_tokens
-    from pretrain.train import PEAK_FLOPS, train_flops
+    from pretrain.stages import get_stage
+    from pretrain.train import PEAK_FLOPS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def measure(cfg: PretrainConfig, label: str, steps: int, backend: str | None, da
     sps = cfg.train.micro_batch / dt
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    flops = train_flops(cfg, model)
+    flops = get_stage(cfg.stage).flops(cfg, model)
     m = cfg.model
     return {"label": label, "stage": cfg.stage, "dim": m.dim, "heads": m.heads, "precision": cfg.train.precision,
             "zero": cfg.train.zero_stage, "activation_checkpointing": cfg.train.activation_checkpointing,

@@ -7,6 +7,7 @@
 - `format`   the on-disk sample format (WebDataset members, Zarr rows) and `StoreReader`
 - `manifest` `Manifest`, the contract between a conversion and its readers, loaded and checked once
 - `net`      a free port for a rendezvous
+- `registry` components registered by name (pretraining stages, fine-tuning tasks)
 
 Light imports only (stdlib, numpy, pyyaml, numcodecs, zarr on use): the GPU machines import it without ray.
 """

@@ -15,7 +15,8 @@ from pretrain.config import ViTConfig
 
 @dataclass
 class TaskConfig:
-    name: Literal["phenotypes", "diseases", "segmentation", "modality_view"] = "phenotypes"
+    # a registered task (`finetune.tasks`): phenotypes, diseases, segmentation, modality_view
+    name: str = "phenotypes"
     # phenotypes: targets regressed all at once (z-scored, errors reported in original units)
     targets: list[str] = field(default_factory=lambda: [
         "LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF"])

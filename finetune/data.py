@@ -36,16 +36,15 @@ AUGMENT = DataConfig(rotation_deg=10.0, flip=True, contrast=0.1)  # ViTa Sec. 4.
 _TAG_FRAMES = 0x5EED_0010
 
 
-TASK_DATASET = {"phenotypes": "ukb", "diseases": "ukb", "segmentation": "ukb", "modality_view": "kspace"}
-
-
 def preflight(dataset: str | Path, task: str, encoders: Sequence[Optional[str | Path]] = (),
               setting: str = "data.dataset") -> Manifest:
     """Before any model is built: the dataset is a converted one of the kind the task needs, and every encoder
     path (an export or a pretraining run directory) exists; a ConfigError line each. Returns the manifest."""
     from core.config import ConfigError
 
-    manifest = Manifest.load(dataset, (TASK_DATASET[task],), setting)
+    from finetune.tasks import get_task
+
+    manifest = Manifest.load(dataset, (get_task(task).dataset,), setting)
     for enc in encoders:
         if enc is not None and not Path(enc).exists():
             raise ConfigError(f"encoder: {enc} does not exist (an encoder export or a pretraining run directory)")
@@ -75,7 +74,12 @@ class SubjectDataset(Dataset):
                  targets: Sequence[str] = (), diseases: Sequence[str] = DISEASES,
                  kspace: Optional[MetaCLIPConfig] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
                  cache: bool = False, fraction: float = 1.0):
-        self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, task, vit
+        from finetune.tasks import get_task
+
+        kind = get_task(task)
+        self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, kind.name, vit
+        # what the task's samples hold: k-space sequences, or cine subjects (+ segmentations for a dense task)
+        self.sequences, self.dense = kind.dataset == "kspace", kind.dense
         self.train, self.seed, self.frame_offset = train, int(seed), frame_offset
         self.augment = augment if train else replace(augment, rotation_deg=0.0, flip=False, contrast=0.0)
         self.epoch = 0
@@ -92,11 +96,11 @@ class SubjectDataset(Dataset):
         self.target_index = [names.index(t) for t in targets]
         self.disease_index = [DISEASES.index(d) for d in diseases]
         self.kspace = None
-        if task != "modality_view":  # labels read once: a sample then costs one image (+ seg) read
+        if self.sequences:
+            self.kspace = KSpaceTransform(self.augment, kspace or MetaCLIPConfig(), seed, train=train)
+        else:  # labels read once: a sample then costs one image (+ seg) read
             self._targets_tab, self._diseases_tab = self.targets_table(), self.diseases_table()
             self._seg_valid = self._rows("seg_valid").astype(bool) if self.keys else np.zeros((0, 0), bool)
-        if task == "modality_view":
-            self.kspace = KSpaceTransform(self.augment, kspace or MetaCLIPConfig(), seed, train=train)
 
     @property
     def reader(self) -> StoreReader:
@@ -151,7 +155,7 @@ class SubjectDataset(Dataset):
         g = self.reader.group
         P, T = g["image"].shape[1:3]
         offset = self.frame_offset
-        if self.train and self.task == "segmentation":  # every stored frame is learned over the epochs
+        if self.train and self.dense:  # every stored frame is learned over the epochs
             offset = _Rand(_TAG_FRAMES, self.seed, self.epoch, _key_word(key)).below(max(1, T // self.vit.frames))
         frames = select_frames(T, self.vit.frames, offset)
         sel = (self.reader.rows[key], slice(None), frames.tolist())
@@ -159,8 +163,7 @@ class SubjectDataset(Dataset):
         arrays = None if self._cache is None else self._cache.get((key, offset))
         if arrays is None:
             arrays = (np.asarray(g["image"].get_orthogonal_selection(sel), np.float32),
-                      np.asarray(g["seg"].get_orthogonal_selection(sel), np.uint8) if self.task == "segmentation"
-                      else None)
+                      np.asarray(g["seg"].get_orthogonal_selection(sel), np.uint8) if self.dense else None)
             if self._cache is not None:
                 self._cache[(key, offset)] = arrays
         image = torch.from_numpy(arrays[0].copy())

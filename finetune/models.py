@@ -1,5 +1,6 @@
 """Downstream models: a pretrained (or fresh) image encoder + a task decoder (ViTa Sec. 3.3 / 4.2, MetaCLIP-CMR).
 
+The heads' building blocks live here; each task (`finetune.tasks`) puts its own together:
   phenotypes     mean-pooled tokens -> one two-layer MLP (256) regressing every z-scored target at once
   diseases       mean-pooled tokens -> one light two-layer MLP per disease (a logit each)
   segmentation   UNETR-style decoder (MONAI's UNETR blocks) with skips from intermediate encoder blocks, per plane,
@@ -18,12 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from core.vocab import LABELS, MODALITIES, VIEWS
 from pretrain.config import ViTConfig
-from pretrain.models.metaclip import pool_sequences
 from pretrain.models.vit import ViTEncoder, token_grid
-
-N_MODALITIES, N_VIEWS = len(MODALITIES), len(VIEWS)
 
 
 def mlp(in_dim: int, hidden: int, out: int) -> nn.Module:
@@ -106,50 +103,31 @@ class UNETRDecoder(nn.Module):
 
 
 class FinetuneModel(nn.Module):
-    def __init__(self, task: str, encoder: nn.Module, vit: ViTConfig, *, n_out: int = 0, hidden: int = 256,
+    """The encoder + the task's heads (`finetune.tasks`: the task builds them and runs the forward pass)."""
+
+    def __init__(self, task, encoder: nn.Module, vit: ViTConfig, *, n_out: int = 0, hidden: int = 256,
                  seg_width: int = 576, feature_norm: str = "none"):
         super().__init__()
-        self.task, self.encoder, self.vit = task, encoder, vit
+        from finetune.tasks import get_task
+
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.encoder, self.vit = encoder, vit
         dim = encoder.dim if isinstance(encoder, ResNetEncoder) else (
             2048 if not isinstance(encoder, ViTEncoder) else vit.dim)
         # standardised features for the pooled heads (task.feature_norm); part of the head, trained in every protocol
-        self.feature_norm = nn.BatchNorm1d(dim) if feature_norm == "batchnorm" and task != "segmentation" else (
+        self.feature_norm = nn.BatchNorm1d(dim) if feature_norm == "batchnorm" and not self.task.dense else (
             nn.Identity())
-        if task == "phenotypes":
-            self.head = mlp(dim, hidden, n_out)
-        elif task == "diseases":
-            self.heads = nn.ModuleList(mlp(dim, hidden, 1) for _ in range(n_out))
-        elif task == "segmentation":
-            if not isinstance(encoder, ViTEncoder):
-                raise ValueError("segmentation needs the ViT encoder")
-            self.decoder = UNETRDecoder(vit, len(LABELS), seg_width)
-        elif task == "modality_view":
-            self.modality, self.view = mlp(dim, hidden, N_MODALITIES), mlp(dim, hidden, N_VIEWS)
-        else:
-            raise ValueError(f"unknown task {task!r}")
+        self.task.build_heads(self, dim, n_out, hidden, seg_width)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
 
     def features(self, batch: dict) -> Tensor:
         """The pooled embedding of each sample (B, dim): what the heads, t-SNE and `finetune embed` see."""
-        if self.task == "modality_view":
-            return pool_sequences(self.encoder, batch["image"], batch["valid"])
-        return pooled_features(self.encoder, batch["image"])
+        return self.task.features(self, batch)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        if self.task == "segmentation":
-            idx = self.decoder.skip_blocks + [len(self.encoder.blocks) - 1]
-            hidden = self.encoder.intermediate_layers(batch["image"], idx)
-            hidden[-1] = self.encoder.norm(hidden[-1])
-            return {"seg": self.decoder(batch["image"], hidden)}
-        f = self.features(batch)
-        h = self.feature_norm(f)
-        if self.task == "phenotypes":
-            return {"targets": self.head(h), "features": f}
-        if self.task == "diseases":
-            return {"logits": torch.cat([head(h) for head in self.heads], dim=1), "features": f}
-        return {"modality": self.modality(h), "view": self.view(h), "features": f}
+        return self.task.forward(self, batch)
 
 
 def layer_id(name: str, depth: int) -> int:

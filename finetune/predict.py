@@ -26,6 +26,7 @@ from core.config import load_config
 from core.fsutil import atomic_path, atomic_write_text
 from finetune.config import FinetuneConfig
 from finetune.models import FinetuneModel
+from finetune.tasks import get_task
 
 SPLITS = ("train", "val", "test")
 
@@ -45,12 +46,11 @@ def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple
     if cfg.task.name == "modality_view":
         raise ValueError(f"{run}: predict serves the UK Biobank tasks; modality / view runs are scored by "
                          "`finetune train` on a converted k-space dataset")
-    n_out = len(cfg.task.targets) if cfg.task.name == "phenotypes" else len(cfg.task.diseases)
-    model, _ = build_model(cfg, n_out)
+    model, _ = build_model(cfg, get_task(cfg.task.name).n_outputs(cfg))
     model.load_state_dict(load_file(str(run / "best.safetensors")))
     if cfg.task.name == "phenotypes" and "target_stats" not in result:  # a run from before fit saved them: once
         from finetune.data import SubjectDataset
-        from finetune.train import target_stats
+        from finetune.tasks.phenotypes import target_stats
 
         mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", "phenotypes", cfg.model, train=False,
                                                 seed=cfg.seed, targets=cfg.task.targets))
@@ -241,7 +241,7 @@ def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dat
     preds, keys_split, first = [], [], None
     for split in splits:
         ds = SubjectDataset(dataset, split, cfg.task.name, model.vit, train=False, seed=cfg.seed,
-                            targets=cfg.task.targets if cfg.task.name == "phenotypes" else [],
+                            targets=get_task(cfg.task.name).targets(cfg),
                             diseases=cfg.task.diseases)
         if not len(ds):
             continue

@@ -160,7 +160,7 @@ class CheckpointConfig:
 
 @dataclass
 class PretrainConfig:
-    stage: Literal["mae", "tabular_clip", "metaclip"] = "mae"
+    stage: str = "mae"  # a registered stage (`pretrain.stages`): mae, tabular_clip, metaclip
     model: ViTConfig = field(default_factory=ViTConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     tabular: TabularConfig = field(default_factory=TabularConfig)

@@ -22,6 +22,7 @@ from core.fsutil import atomic_path, atomic_write_text
 from core.manifest import read_training_data
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
+from pretrain.stages import get_stage
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
     encoder = {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError(f"{ckpt_dir / tag}: no encoder.* weights in the checkpoint")
-    arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
+    arch = get_stage(cfg.stage).encoder_architecture(cfg)
     meta = {"format": "cmrfm-encoder-v1", "stage": cfg.stage, "architecture": arch, "checkpoint": tag,
             "run": str(run_dir.resolve())}
     return write_export(out, encoder, {"model": config_to_dict(cfg.model), **meta,
@@ -155,7 +156,7 @@ def load_encoder(path: str | Path):
         cfg = load_config(PretrainConfig, path / "config.yaml")
         state = {k.removeprefix("encoder."): v for k, v in consolidated_state_dict(path / "checkpoints", tag).items()
                  if k.startswith("encoder.")}
-        arch = cfg.metaclip.image_encoder if cfg.stage == "metaclip" else "vit"
+        arch = get_stage(cfg.stage).encoder_architecture(cfg)
         meta = {"stage": cfg.stage, "architecture": arch, "checkpoint": tag, "run": str(path.resolve()),
                 "provenance": provenance(cfg, {"stage": cfg.stage, "run": str(path.resolve()), "checkpoint": tag}),
                 "data": read_training_data(cfg.data.dataset)}

@@ -18,21 +18,19 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from core.cli import eta
 from core.config import ConfigError, dump_config, flat_config, project_path, save_resolved_config
-from core.fsutil import atomic_write_text
 from core.manifest import Manifest
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
-from pretrain.models.precision import fp32_batchnorm
-from pretrain.models.vit import MaskedAutoencoder, flops_per_sample, num_tokens, sdpa_backend_report
+from pretrain.models.vit import num_tokens, sdpa_backend_report
 from pretrain.schedule import warmup_cosine
+from pretrain.stages import Stage, get_stage
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
 
@@ -59,116 +57,21 @@ def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
                          constant=cfg.optim.schedule == "constant")
 
 
-def text_corpus(dataset_dir: Path, run_dir: Path) -> list[str]:
-    """MetaCLIP-CMR: every metadata sentence of the dataset (all templates), the vocabulary of a from-scratch text
-    encoder. Frozen in the run directory on the first start, so that a resume (even on a grown dataset) rebuilds
-    the same tokenizer."""
-    frozen = Path(run_dir) / "text_corpus.json"
-    if frozen.exists():
-        return json.loads(frozen.read_text())
-    texts = set()
-    for path in sorted((Path(dataset_dir) / "meta").glob("block-*.jsonl")):
-        for line in path.read_text().splitlines():
-            texts.update(json.loads(line).get("texts", ()))
-    if not texts:
-        raise ValueError(f"{dataset_dir}: no metadata sentences in meta/*.jsonl (is it a converted k-space dataset?)")
-    return sorted(texts)
-
-
-def build_model(cfg: PretrainConfig, dataset_dir: Path, corpus: Optional[list[str]] = None) -> torch.nn.Module:
-    """The stage's model; Stage II and MetaCLIP-CMR (ViT) may start their image encoder from an earlier export
-    (`checkpoint.init_from`)."""
-    if cfg.stage == "mae":
-        return MaskedAutoencoder(cfg.model, cfg.mae)  # no BatchNorm
-    if cfg.stage == "tabular_clip":
-        from pretrain.models.clip import ImageTabularCLIP
-
-        manifest = Manifest.load(dataset_dir)
-        if "stats" not in manifest.tabular:
-            raise ValueError(f"{dataset_dir}: no tabular features/statistics (convert with --tabular)")
-        model = ImageTabularCLIP(cfg.model, cfg.tabular, manifest.tabular_features)
-    else:
-        from pretrain.models.metaclip import MetaCLIP
-
-        model = MetaCLIP(cfg.model, cfg.metaclip, corpus or [], seed=cfg.train.seed)
-    if cfg.checkpoint.init_from is not None:
-        model.load_encoder(cfg.checkpoint.init_from)
-    return fp32_batchnorm(model)  # the ResNet-50's and Stage II's feature norm, under the bf16 engine
-
-
-def train_flops(cfg: PretrainConfig, model: torch.nn.Module) -> Optional[float]:
-    """Model FLOPs per training sample for MFU (None: not counted for MetaCLIP-CMR)."""
-    if cfg.stage == "mae":
-        return flops_per_sample(cfg.model, cfg.mae, train=True)
-    return model.flops_per_sample(train=True) if cfg.stage == "tabular_clip" else None
-
-
-def build_transform(cfg: PretrainConfig, manifest: Manifest, train: bool):
-    """The per-sample transform of the stage's loader (None: the default UK Biobank `SampleTransform`) and, for
-    evaluation (`train=False`), a deterministic one without augmentation."""
-    from dataclasses import replace
-
-    from pretrain.data import KSpaceTransform, SampleTransform
-
-    if cfg.stage == "metaclip":
-        return KSpaceTransform(cfg.data, cfg.metaclip, cfg.train.seed, train=train)
-    if train:
-        return None
-    plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False)
-    return SampleTransform(plain, cfg.train.seed, manifest.tabular_stats(), frames=cfg.model.frames)
-
-
-def model_inputs(cfg: PretrainConfig, batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    images = batch["image"].to(device, dtype, non_blocking=True)
-    if cfg.stage == "mae":
-        return {"images": images}
-    if cfg.stage == "metaclip":
-        return {"images": images, "valid": batch["valid"].to(device), "texts": batch["text"],
-                "modality": batch["modality"].to(device), "view": batch["view"].to(device),
-                "view_valid": batch["view_valid"].to(device)}
-    return {"images": images, "tab_values": batch["tabular_values"].to(device, non_blocking=True),
-            "tab_missing": batch["tabular_missing"].to(device, non_blocking=True)}
-
-
-def evaluate(cfg: PretrainConfig, model: torch.nn.Module, manifest: Manifest, device: torch.device,
+def evaluate(cfg: PretrainConfig, stage: Stage, model: torch.nn.Module, manifest: Manifest, device: torch.device,
              dtype: torch.dtype, cache: dict) -> dict:
-    """Collective: validation of a stage (`pretrain/evaluate.py`): Stage I reconstruction PSNR against its two
-    references (the training mean image is computed once and kept in `cache`); retrieval and loss of a
-    contrastive stage."""
-    from pretrain import evaluate as ev
+    """Collective: the stage's validation (`Stage.evaluate`) on the evaluation split, in eval mode, with its
+    deterministic transform and at most `eval_samples` samples over all ranks."""
     from pretrain.data import list_shards
 
     shards = list_shards(cfg.data.dataset, cfg.train.eval_split, manifest)
     if not shards:
         return {}
-    world = dist.get_world_size()
-    limit = -(-cfg.train.eval_samples // world)
-    transform = build_transform(cfg, manifest, train=False)
+    limit = -(-cfg.train.eval_samples // dist.get_world_size())
     was_training = model.training
     model.eval()
     try:
-        if cfg.stage == "mae":
-            if "mean_image" not in cache:
-                cache["mean_image"] = ev.mean_image(list_shards(cfg.data.dataset, "train", manifest), transform,
-                                                    limit, device)
-            return ev.mae_metrics(model, shards, transform, cache["mean_image"], batch_size=cfg.train.micro_batch,
-                                  limit=limit, seed=cfg.train.seed, device=device, dtype=dtype)
-        if cfg.stage == "tabular_clip":
-            emb = ev.embed_split(lambda b: model.embed(**model_inputs(cfg, b, device, dtype)), shards, transform,
-                                 batch_size=cfg.train.micro_batch, limit=limit)
-            return ev.tabular_clip_metrics(emb, cfg.tabular.temperature, cfg.tabular.loss_weight,
-                                           cfg.train.global_batch)
-        emb = ev.embed_split(lambda b: {"image": model.embed_images(b["image"].to(device, dtype),
-                                                                    b["valid"].to(device))},
-                             shards, transform, batch_size=cfg.train.micro_batch, limit=limit,
-                             labels=("text", "modality", "view", "view_valid"))
-        sentences = sorted(set(emb["text"]))
-        with torch.no_grad():  # every rank embeds all sentences alike (ZeRO-3 forwards are collective)
-            text_emb = torch.cat([model.embed_texts(sentences[i:i + 256]).float().cpu()
-                                  for i in range(0, len(sentences), 256)])
-        mc = cfg.metaclip
-        return ev.metaclip_metrics(emb, text_emb, sentences, model.logit_scale(), mc.alpha_modality, mc.beta_view,
-                                   cfg.train.global_batch)
+        return stage.evaluate(cfg, model, manifest, shards, stage.transform(cfg, manifest, train=False), limit,
+                              device, dtype, cache)
     finally:
         model.train(was_training)
 
@@ -191,20 +94,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: 
     return out
 
 
-def reconstruction_grid(model: MaskedAutoencoder, images: torch.Tensor, out: dict) -> torch.Tensor:
-    """(3, rows, cols) image for TensorBoard: per plane (rows) the input, the masked input and the
-    reconstruction (columns) of the first sample's middle frame."""
-    with torch.no_grad():
-        x = images[:1].float()
-        recon = model.reconstruct(x, out["pred"][:1], out["mask"][:1])
-        mask_img = model.encoder.unpatchify(out["mask"][:1, :, None].float().expand(-1, -1, out["pred"].shape[-1]))
-        visible = x * (1 - mask_img)
-        t = x.shape[2] // 2
-        rows = [torch.cat([x[0, p, t], visible[0, p, t], recon[0, p, t]], dim=1) for p in range(x.shape[1])]
-        grid = torch.cat(rows, dim=0).clamp(0, 1).cpu()
-    return grid[None].expand(3, -1, -1)
-
-
 class StopSignal:
     """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM before a timeout or preemption): save at the next step, then stop."""
 
@@ -222,13 +111,10 @@ class StopSignal:
         return bool(flag.item())
 
 
-STAGE_DATASET = {"mae": "ukb", "tabular_clip": "ukb", "metaclip": "kspace"}  # what each stage trains on
-
-
 def preflight(cfg: PretrainConfig, check_device: bool = True) -> Manifest:
     """Checks that need no GPU, Ray or DeepSpeed, run before any of them starts (and by `cluster submit` before
     anything is queued, `check_device` off there); a ConfigError line each. Returns the dataset's manifest."""
-    manifest = Manifest.load(cfg.data.dataset, (STAGE_DATASET[cfg.stage],), "data.dataset")
+    manifest = Manifest.load(cfg.data.dataset, (get_stage(cfg.stage).dataset,), "data.dataset")
     geometry = manifest.geometry  # UK Biobank only (the k-space loader resizes on load)
     if geometry.get("crop") not in (None, cfg.model.img_size):
         raise ConfigError(f"model.img_size is {cfg.model.img_size} but {cfg.data.dataset} holds "
@@ -250,6 +136,7 @@ def train(cfg: PretrainConfig) -> dict:
     from pretrain.data import build_loader
 
     manifest = preflight(cfg)
+    stage = get_stage(cfg.stage)
     env = init_distributed()
     rank, world = env.rank, env.world_size
     run_dir = Path(cfg.checkpoint.dir)
@@ -266,14 +153,11 @@ def train(cfg: PretrainConfig) -> dict:
     dist.barrier()
 
     # --- model, optimizer, schedule: identical initial weights on every rank ---
-    corpus = text_corpus(cfg.data.dataset, run_dir) if cfg.stage == "metaclip" else None
-    if corpus is not None and rank == 0:
-        atomic_write_text(run_dir / "text_corpus.json", json.dumps(corpus, indent=0))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, cfg.data.dataset, corpus)
+    model = stage.build_model(cfg, manifest, run_dir, rank)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
     loader = build_loader(cfg.data.dataset, cfg.data, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
-                          seed=cfg.train.seed, frames=cfg.model.frames, transform=build_transform(cfg, manifest, True))
+                          seed=cfg.train.seed, frames=cfg.model.frames, transform=stage.transform(cfg, manifest, True))
     steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.encoder_lr_scale)
@@ -311,12 +195,12 @@ def train(cfg: PretrainConfig) -> dict:
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
               f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
-    flops = train_flops(cfg, model)
+    flops = stage.flops(cfg, model)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     tokens = num_tokens(cfg.model)
     stop = StopSignal()
-    quality = "psnr" if cfg.stage == "mae" else "acc"  # reconstruction PSNR (dB) / in-batch retrieval accuracy
+    quality = stage.quality
     batches = iter(loader)
     eval_cache: dict = {}
     t_last, wait, n_last = time.perf_counter(), 0.0, 0
@@ -330,7 +214,7 @@ def train(cfg: PretrainConfig) -> dict:
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            inputs = model_inputs(cfg, batch, device, dtype)
+            inputs = stage.inputs(cfg, batch, device, dtype)
             gen = torch.Generator().manual_seed(((cfg.train.seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
             out = engine(**inputs, generator=gen)
             engine.backward(out["loss"])
@@ -339,9 +223,8 @@ def train(cfg: PretrainConfig) -> dict:
             psnrs.append(out[quality].detach().float())
         step += 1
         samples += cfg.train.global_batch
-        if rank == 0 and cfg.stage == "mae" and cfg.train.image_every and step % cfg.train.image_every == 0:
-            writer.add_image("reconstruction (input | masked | MAE)",
-                             reconstruction_grid(engine.module, inputs["images"], out), step)
+        if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
+            stage.log_images(writer, step, engine.module, inputs, out)
         if step % cfg.train.log_every == 0 or step == total_steps:
             stats = torch.stack([torch.stack(losses).mean(), torch.stack(psnrs).mean()]).to(device)
             dist.all_reduce(stats)
@@ -365,7 +248,7 @@ def train(cfg: PretrainConfig) -> dict:
                       + (f" mfu {100 * row['mfu']:.1f}%" if row["mfu"] else "")
                       + f" {eta(now - t_start, step - step_start, total_steps - step_start)}".rstrip(), flush=True)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
-            val = evaluate(cfg, engine.module, manifest, device, dtype, eval_cache)
+            val = evaluate(cfg, stage, engine.module, manifest, device, dtype, eval_cache)
             if rank == 0 and val:
                 metrics.write(json.dumps({"step": step, "samples": samples, "split": "val", **val}) + "\n")
                 metrics.flush()

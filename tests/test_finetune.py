@@ -87,7 +87,7 @@ def test_class_weighting_and_validation_threshold_give_nonzero_f1_at_5_percent_p
     5 % prevalence label: positives are found; the weighting shifts scores up (recall at 0.5 rises)."""
     from finetune import metrics
     from finetune.models import mlp
-    from finetune.train import loss_fn
+    from finetune.tasks import get_task
 
     cfg = load_config(FinetuneConfig, TINY, ["task.name=diseases", "task.diseases=[cad]"])
     g = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def test_class_weighting_and_validation_threshold_give_nonzero_f1_at_5_percent_p
         stats = {"pos_weight": torch.tensor([(600 - pos) / pos if weighted else 1.0])}
         opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
         for _ in range(150):
-            loss = loss_fn(cfg, {"logits": head(x[tr])}, {"diseases": y[tr, None]}, stats)
+            loss = get_task("diseases").loss(cfg, {"logits": head(x[tr])}, {"diseases": y[tr, None]}, stats)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -237,3 +237,66 @@ def test_bf16_autocast_path_of_every_task(cohort60, tmp_path, monkeypatch):
         per = run["test"][key]
         assert np.isfinite(run["val_primary"]) and all(np.isfinite(per[n][metric]) for n in names or per), (task, per)
         assert (tmp_path / task / "report.md").is_file()
+
+
+def test_a_new_task_registers_from_outside_the_trainer(cohort60, tmp_path):
+    """A task defined outside finetune/ (here: regress each subject's mean image brightness) runs through the one
+    `fit`: its heads, loss, scores, CSV columns and report section; it learns (beats its own mean-guess); an
+    unregistered name is one config error."""
+    import pytest
+    from torch import nn
+
+    from core.config import ConfigError
+    from finetune import report
+    from finetune.data import preflight
+    from finetune.models import mlp
+    from finetune.tasks import TASKS, Task, register_task
+    from finetune.train import fit
+
+    class Brightness(Task):
+        name = "toy_brightness"
+
+        def n_outputs(self, cfg):
+            return 1
+
+        def build_heads(self, model, dim, n_out, hidden, seg_width):
+            model.head = nn.Sequential(nn.BatchNorm1d(dim), mlp(dim, hidden, 1))
+
+        def forward(self, model, batch):
+            f = self.features(model, batch)
+            return {"value": model.head(f)[:, 0], "features": f}
+
+        def train_stats(self, cfg, train_ds, device):  # the training mean, so the head learns the deviation
+            return {"mean": float(np.mean([10 * train_ds[i]["image"].mean() for i in range(len(train_ds))]))}
+
+        def loss(self, cfg, out, batch, stats):
+            return ((out["value"] + stats["mean"] - 10 * batch["image"].mean(dim=(1, 2, 3, 4))) ** 2).mean()
+
+        def collect(self, acc, res, batch, offset, stats):
+            acc.setdefault("pred", []).append(res["value"].float().cpu().numpy() + stats["mean"])
+            acc.setdefault("true", []).append(10 * batch["image"].mean(dim=(1, 2, 3, 4)).cpu().numpy())
+            acc["features"].append(res["features"].float().cpu().numpy())
+
+        def score(self, cfg, pred, thresholds=None, spacing=None, stats=None):
+            mae = float(np.abs(pred["pred"] - pred["true"]).mean())
+            guess = float(np.abs(pred["true"].mean() - pred["true"]).mean())
+            return {"mae": mae, "mean_guess_mae": guess, "primary": -mae}
+
+        def csv_row(self, cfg, out_dir, ds, pred, i, thresholds):
+            return {"brightness_pred": float(pred["pred"][i]), "brightness_true": float(pred["true"][i])}
+
+        def report(self, cfg, result, pred, fig_dir):
+            return [("Brightness", report.markdown_table([result["test"]], ["mae", "mean_guess_mae"]))], []
+
+    register_task(Brightness())
+    try:
+        run = fit(_cfg(cohort60, tmp_path / "toy", "task.name=toy_brightness", "optim.epochs=20", "optim.lr=3e-3",
+                       "optim.warmup_epochs=1"), progress=False)
+        assert run["task"] == "toy_brightness" and run["test"]["mae"] < 0.8 * run["test"]["mean_guess_mae"], run
+        rows = (tmp_path / "toy" / "predictions.csv").read_text().splitlines()
+        assert rows[0] == "key,brightness_pred,brightness_true" and len(rows) == 1 + 11
+        assert "## Brightness" in (tmp_path / "toy" / "report.md").read_text()
+    finally:
+        TASKS.pop("toy_brightness")
+    with pytest.raises(ConfigError, match="unknown task 'toy_brightness'; registered: diseases, modality_view"):
+        preflight(cohort60, "toy_brightness")

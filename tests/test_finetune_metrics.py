@@ -354,7 +354,7 @@ def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
 
     from core.vocab import PHENOTYPES
     from finetune.config import FinetuneConfig
-    from finetune.train import phenotype_reference
+    from finetune.tasks.diseases import phenotype_reference
 
     rng = np.random.default_rng(0)
     ef = PHENOTYPES.index("LVEF")
@@ -380,7 +380,10 @@ def test_phenotype_reference_reads_a_disease_written_in_the_phenotypes():
 
 
 def test_named_validation_scalars_per_task():
-    from finetune.train import val_scalars
+    from finetune.tasks import get_task
+
+    def val_scalars(task, val):
+        return get_task(task).val_scalars(val)
 
     seg = {"volume_dice": {"LV": {"dice": 0.9}, "RA": {"dice": float("nan")}}, "primary": 0.9}
     assert val_scalars("segmentation", seg) == {"dice_LV": 0.9}  # NaN (no such structure) left out

@@ -325,19 +325,21 @@ def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
 
     from core.config import load_config
     from pretrain.config import PretrainConfig
+    from core.manifest import Manifest
     from pretrain.export import export_encoder
-    from pretrain.train import build_model
+    from pretrain.stages import get_stage
 
     stage1 = tmp_path / "stage1"
     _run(stage1, shards, "train.epochs=1", "train.samples_per_epoch=16", nproc=1)
     export_encoder(stage1)
     cfg = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", f"checkpoint.init_from={stage1}"])
-    model = build_model(cfg, shards)
+    stage2 = get_stage("tabular_clip")
+    model = stage2.build_model(cfg, Manifest.load(shards))
     saved = load_file(str(stage1 / "encoder.safetensors"))
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())
     bad = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", "checkpoint.init_from=" + str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
-        build_model(bad, shards)
+        stage2.build_model(bad, Manifest.load(shards))
 
 
 def test_pretraining_continues_when_the_cohort_grows(tiny_cohort, ray_cluster, tmp_path):
@@ -407,3 +409,69 @@ def test_encoder_lr_scale_puts_the_image_encoder_in_its_own_groups():
         in_encoder = {names[id(p)].startswith("encoder.") for p in g["params"]}
         assert in_encoder == {g.get("lr_scale") == 0.1}, g.get("lr_scale")
     assert "lr_scale" not in scaled[0]  # the logged lr (group 0) stays optim.lr
+
+
+TOY_STAGE = '''
+import sys
+
+import torch
+from torch import nn
+
+from core.config import load_config
+from pretrain.config import PretrainConfig
+from pretrain.models.vit import ViTEncoder
+from pretrain.stages import Stage, register_stage
+from pretrain.train import train
+
+
+class MeanIntensity(nn.Module):
+    """Regress each subject's mean intensity from the ViT's pooled features."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder, self.head = ViTEncoder(cfg.model), nn.Linear(cfg.model.dim, 1)
+
+    def set_grad_checkpointing(self, enabled=True):
+        pass
+
+    def forward(self, images, generator=None):
+        err = self.head(self.encoder.forward_features(images).mean(1))[:, 0] - images.float().mean(dim=(1, 2, 3, 4))
+        return {"loss": (err ** 2).mean(), "abs_err": err.abs().mean()}
+
+
+class ToyStage(Stage):
+    name, dataset, quality = "toy_mean", "ukb", "abs_err"
+
+    def build_model(self, cfg, manifest, run_dir=None, rank=0):
+        return MeanIntensity(cfg)
+
+    def inputs(self, cfg, batch, device, dtype):
+        return {"images": batch["image"].to(device, dtype)}
+
+
+register_stage(ToyStage())
+print(train(load_config(PretrainConfig, sys.argv[1], sys.argv[2:])))
+'''
+
+
+def test_a_new_stage_registers_from_outside_the_trainer(shards, tmp_path):
+    """A stage defined in a user's own script (not in pretrain/) trains through the one loop: registered by name,
+    built, fed, logged with its own figure, checkpointed; an unregistered name is one config error."""
+    from core.config import ConfigError, load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.train import preflight
+
+    script = tmp_path / "toy_stage.py"
+    script.write_text(TOY_STAGE)
+    run = tmp_path / "toy"
+    res = subprocess.run([sys.executable, str(script), str(TINY), f"checkpoint.dir={run}", f"data.dataset={shards}",
+                          "stage=toy_mean", "train.epochs=8", "train.samples_per_epoch=16", "train.log_every=2",
+                          "train.eval_every=0", "optim.warmup_epochs=1"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = _metrics(run)
+    assert sorted(rows) == list(range(2, 17, 2)) and all("abs_err" in r for r in rows.values())
+    assert rows[16]["loss"] < rows[2]["loss"], rows
+    assert (run / "checkpoints" / "step00000016").is_dir()
+    with pytest.raises(ConfigError, match="unknown stage 'nope'; registered: mae, metaclip, tabular_clip"):
+        preflight(load_config(PretrainConfig, TINY, [f"data.dataset={shards}", "stage=nope"]), check_device=False)
