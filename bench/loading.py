@@ -95,7 +95,7 @@ def ensure_data(args, tmp: Path) -> tuple[Path, Path, dict]:
 def augment(image: torch.Tensor, key: str, epoch: int, seed: int = 0) -> torch.Tensor:
     """The training augmentation (DataConfig defaults: rotation +-10 deg, flips, gamma 1 +- 0.1) of (P, 5, H, W)."""
     from pretrain.config import DataConfig
-    from pretrain.data import augment_image, augment_params
+    from pretrain.transforms import augment_image, augment_params
 
     prm = augment_params(seed, key, epoch, image.shape[0], 50, DataConfig())
     out, _ = augment_image(image, prm["angles"], prm["flips"], prm["gamma"])
@@ -116,7 +116,7 @@ class NiftiReference(Dataset):
 
         from core.vocab import LA_VIEWS
         from data_prep.preprocess_ukb import store_plane
-        from pretrain.data import select_frames
+        from pretrain.transforms import select_frames
 
         key = self.keys[i]
         meta = self.metas[key]
@@ -148,7 +148,7 @@ class NiftiPipeline(Dataset):
     def __getitem__(self, i: int) -> dict:
         from data_prep.preprocess_ukb import preprocess
         from data_prep.sources.ukb_nifti import read_ukb_nifti_dir
-        from pretrain.data import select_frames
+        from pretrain.transforms import select_frames
 
         key = self.keys[i]
         image, *_ = preprocess(read_ukb_nifti_dir(self.src / key), self.pcfg)
@@ -196,7 +196,8 @@ def split_costs(conv: Path, n: int) -> dict:
     from core.format import StoreReader, decode_array, encode_array
     from core.manifest import Manifest
     from pretrain.config import DataConfig
-    from pretrain.data import SampleTransform, _read_shard, list_shards, select_frames
+    from pretrain.data import _read_shard, list_shards
+    from pretrain.transforms import SampleTransform, select_frames
 
     raws, t_read = [], 0.0
     for shard in list_shards(conv, "train"):

@@ -15,8 +15,8 @@ dataset, so its output is bit for bit the stored sample:
   gives its metadata, so pass `relpath=` when the file was moved out of it.
 `embed` takes that array (or a batch of them) and returns the pooled features: for cine the mean of the output
 tokens over the encoder's frames (`select_frames`, as the fine-tuning loader does); for a k-space sequence the mean
-of its single images' features over evenly spaced slices and frames (`pretrain.data.sequence_images`, the
-evaluation transform). Both are what `finetune embed` writes and what the pooled heads read.
+of its single images' features over evenly spaced slices and frames (`pretrain.transforms.sequence_images`,
+the evaluation transform). Both are what `finetune embed` writes and what the pooled heads read.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Encoder:
         k-space: one (T, Z, S, S) sequence or a list of them (their T and Z may differ), the mean of the features
         of their evenly spaced single images."""
         from finetune.models import pooled_features
-        from pretrain.data import select_frames
+        from pretrain.transforms import select_frames
 
         if self.input_kind == "kspace":
             return self._embed_sequences(images, batch_size)
@@ -176,8 +176,8 @@ class Encoder:
         return z[0] if single else z
 
     def _embed_sequences(self, sequences, batch_size: int) -> np.ndarray:
-        from pretrain.config import MetaCLIPConfig
-        from pretrain.data import sequence_images
+        from pretrain.config import KSpaceSampling
+        from pretrain.transforms import sequence_images
         from pretrain.models.metaclip import pool_sequences
 
         single = isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 4
@@ -187,7 +187,7 @@ class Encoder:
         out = []
         for i in range(0, len(seqs), batch_size):
             # as `finetune embed`: the sequence's images at their stored size, the evaluation choice of images
-            pairs = [sequence_images(s, MetaCLIPConfig(image_size=s.shape[-1])) for s in seqs[i:i + batch_size]]
+            pairs = [sequence_images(s, KSpaceSampling(image_size=s.shape[-1])) for s in seqs[i:i + batch_size]]
             out += [pool_sequences(self.module, img[None].to(self.device), valid[None].to(self.device)).float().cpu()
                     for img, valid in pairs]
         z = torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)

@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from core.format import StoreReader
 from core.manifest import Manifest
 from core.vocab import DISEASES, PHENOTYPES
-from pretrain.config import DataConfig, MetaCLIPConfig, ViTConfig
-from pretrain.data import (KSpaceTransform, _key_word, _Rand, augment_image, augment_params, collate,
-                           select_frames)
+from pretrain.config import DataConfig, KSpaceSampling, ViTConfig
+from pretrain.data import collate
+from pretrain.transforms import (TAG_FRAMES, KSpaceTransform, Rand, augment_image, augment_params, key_word,
+                                 select_frames)
 
 AUGMENT = DataConfig(rotation_deg=10.0, flip=True, contrast=0.1)  # ViTa Sec. 4.1, as in pretraining
-_TAG_FRAMES = 0x5EED_0010
 
 
 def preflight(dataset: str | Path, task: str, encoders: Sequence[Optional[str | Path]] = (),
@@ -72,7 +72,7 @@ class SubjectDataset(Dataset):
 
     def __init__(self, dataset_dir: str | Path, split: str, task: str, vit: ViTConfig, *, train: bool, seed: int,
                  targets: Sequence[str] = (), diseases: Sequence[str] = DISEASES,
-                 kspace: Optional[MetaCLIPConfig] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
+                 kspace: Optional[KSpaceSampling] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
                  cache: bool = False, fraction: float = 1.0):
         from finetune.tasks import get_task
 
@@ -97,7 +97,7 @@ class SubjectDataset(Dataset):
         self.disease_index = [DISEASES.index(d) for d in diseases]
         self.kspace = None
         if self.sequences:
-            self.kspace = KSpaceTransform(self.augment, kspace or MetaCLIPConfig(), seed, train=train)
+            self.kspace = KSpaceTransform(self.augment, kspace or KSpaceSampling(), seed, train=train)
         else:  # labels read once: a sample then costs one image (+ seg) read
             self._targets_tab, self._diseases_tab = self.targets_table(), self.diseases_table()
             self._seg_valid = self._rows("seg_valid").astype(bool) if self.keys else np.zeros((0, 0), bool)
@@ -156,7 +156,7 @@ class SubjectDataset(Dataset):
         P, T = g["image"].shape[1:3]
         offset = self.frame_offset
         if self.train and self.dense:  # every stored frame is learned over the epochs
-            offset = _Rand(_TAG_FRAMES, self.seed, self.epoch, _key_word(key)).below(max(1, T // self.vit.frames))
+            offset = Rand(TAG_FRAMES, self.seed, self.epoch, key_word(key)).below(max(1, T // self.vit.frames))
         frames = select_frames(T, self.vit.frames, offset)
         sel = (self.reader.rows[key], slice(None), frames.tolist())
         prm = augment_params(self.seed, key, self.epoch, P, T, self.augment)

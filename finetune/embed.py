@@ -17,7 +17,7 @@ from core.format import StoreReader
 from core.fsutil import atomic_path
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
-from pretrain.config import MetaCLIPConfig
+from pretrain.config import KSpaceSampling
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split:
     keys, splits, feats = [], [], []
     for s in (("train", "val", "test") if split == "all" else (split,)):
         ds = SubjectDataset(dataset, s, task, vit, train=False, seed=0,
-                            kspace=MetaCLIPConfig(image_size=size) if reader.manifest.dataset == "kspace" else None)
+                            kspace=KSpaceSampling(image_size=size) if reader.manifest.dataset == "kspace" else None)
         for batch in tqdm(loader(ds, batch_size, 0, shuffle=False, seed=0), desc=f"embed {s}", unit="batch",
                           disable=not progress):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -105,7 +105,7 @@ def run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) ->
     """The model on one stored-format image (P, T, S, S): the heads' outputs at the encoder's frames, or for
     segmentation label maps (P, T, S, S) over every stored frame (T / frames shifted passes; a frame no pass
     covers takes its nearest covered frame)."""
-    from pretrain.data import select_frames
+    from pretrain.transforms import select_frames
 
     x = torch.from_numpy(np.asarray(image, np.float32))
     T, F = x.shape[1], model.vit.frames

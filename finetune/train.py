@@ -33,7 +33,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel, ResNetEncoder, param_groups
 from finetune.tasks import get_task
-from pretrain.config import MetaCLIPConfig
+from pretrain.config import KSpaceSampling
 from pretrain.models.vit import ViTEncoder
 from pretrain.schedule import warmup_cosine
 
@@ -60,7 +60,7 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
 
 def datasets(cfg: FinetuneConfig, vit) -> dict[str, SubjectDataset]:
     t = cfg.task
-    kspace = MetaCLIPConfig(slices=t.slices, max_frames=t.max_frames, image_size=t.image_size)
+    kspace = KSpaceSampling(slices=t.slices, max_frames=t.max_frames, image_size=t.image_size)
     targets = get_task(t.name).targets(cfg)
     return {split: SubjectDataset(cfg.data.dataset, split, t.name, vit, train=split == "train", seed=cfg.seed,
                                   targets=targets, diseases=t.diseases, kspace=kspace, cache=cfg.data.cache,

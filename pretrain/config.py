@@ -69,6 +69,16 @@ class TabularConfig:
 
 
 @dataclass
+class KSpaceSampling:
+    """Which images of a k-space sequence a sample holds: `slices` distinct slices x up to `max_frames` frames,
+    at `image_size` (MetaCLIP-CMR: 3 x 4 at 224)."""
+
+    slices: int = 3
+    max_frames: int = 4
+    image_size: int = 224
+
+
+@dataclass
 class MetaCLIPConfig:
     """MetaCLIP-CMR: metadata text, soft-label contrastive loss (eqs. 6-9)."""
     image_encoder: Literal["vit", "resnet50"] = "vit"
@@ -83,6 +93,10 @@ class MetaCLIPConfig:
     alpha_modality: float = 0.05
     beta_view: float = 0.05
     init_temperature: float = 0.07
+
+    def sampling(self) -> KSpaceSampling:
+        """The images of a sequence in each training sample."""
+        return KSpaceSampling(self.slices, self.max_frames, self.image_size)
 
 
 @dataclass

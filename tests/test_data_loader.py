@@ -18,6 +18,7 @@ import torch
 from core.format import UKBSample, normalise_tabular
 from core.vocab import DISEASES, PHENOTYPES
 from pretrain import data as D
+from pretrain import transforms as TF
 from pretrain.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_state_checks_and_stale_iterators(dataset):
 
 # --- the per-sample transform ---------------------------------------------------------------------------------
 def test_frame_selection_without_augmentation(dataset):
-    assert D.select_frames(50, 5).tolist() == [0, 12, 24, 37, 49]
+    assert TF.select_frames(50, 5).tolist() == [0, 12, 24, 37, 49]
     idx = np.rint(np.linspace(0, T - 1, 5)).astype(int)
     batch = _take(_loader(dataset, NOAUG, batch=8), 1)[0]
     assert batch["image"].shape == (8, P, 5, S, S) and batch["image"].dtype == torch.float32
@@ -208,16 +209,16 @@ def test_frame_selection_without_augmentation(dataset):
     assert two["image"].shape == (4, 2, 2, S, S)
     k = two["key"][0]
     assert torch.equal(two["image"][0], torch.from_numpy(dataset[1][k].image[[1, 4]][:, [0, 9]].astype(np.float32)))
-    shifted = D.augment_params(0, "1000000", 0, P, 50, replace(NOAUG, temporal_offset=True))["offset"]
-    assert 0 <= shifted < 10 and D.select_frames(50, 5, 3).tolist() == [3, 15, 27, 40, 2]
+    shifted = TF.augment_params(0, "1000000", 0, P, 50, replace(NOAUG, temporal_offset=True))["offset"]
+    assert 0 <= shifted < 10 and TF.select_frames(50, 5, 3).tolist() == [3, 15, 27, 40, 2]
 
 
 def test_segmentation_follows_the_flips(dataset):
     cfg = replace(NOAUG, flip=True, seg=True)
     batch = _take(_loader(dataset, cfg, batch=4), 1)[0]
-    idx = D.select_frames(T, 5)
+    idx = TF.select_frames(T, 5)
     for i, key in enumerate(batch["key"]):
-        stored, prm = dataset[1][key], D.augment_params(0, key, 0, P, T, cfg)
+        stored, prm = dataset[1][key], TF.augment_params(0, key, 0, P, T, cfg)
         for p in range(P):
             img, seg = stored.image[p, idx].astype(np.float32), stored.seg[p, idx]
             if prm["flips"][p]:
@@ -245,32 +246,34 @@ def test_augmentation_is_a_function_of_seed_key_and_epoch(dataset):
 
 def test_augment_image_rotates_flips_and_stays_in_range():
     x = torch.rand(3, 2, S, S)
-    out, _ = D.augment_image(x, [30.0, -45.0, 10.0], [False] * 3, gamma=0.9)
+    out, _ = TF.augment_image(x, [30.0, -45.0, 10.0], [False] * 3, gamma=0.9)
     assert out.min() >= 0.0 and out.max() <= 1.0 and not torch.equal(out, x)
-    flipped, _ = D.augment_image(x, [0.0] * 3, [True, False, True])  # forced flips
+    flipped, _ = TF.augment_image(x, [0.0] * 3, [True, False, True])  # forced flips
     assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
     assert torch.equal(flipped[2], x[2].flip(-1))
-    quarter, _ = D.augment_image(x, [90.0] * 3, [False] * 3)  # a quarter turn moves pixel centres onto centres
+    quarter, _ = TF.augment_image(x, [90.0] * 3, [False] * 3)  # a quarter turn moves pixel centres onto centres
     assert any(torch.allclose(quarter, torch.rot90(x, k, (-2, -1)), atol=1e-4) for k in (1, -1))
-    same, _ = D.augment_image(x, [0.0] * 3, [False] * 3)
+    same, _ = TF.augment_image(x, [0.0] * 3, [False] * 3)
     assert torch.equal(same, x)
-    params = D.augment_params(0, "1000001", 0, P, T, DataConfig(rotation_deg=10.0))
+    params = TF.augment_params(0, "1000001", 0, P, T, DataConfig(rotation_deg=10.0))
     assert all(-10.0 <= a <= 10.0 for a in params["angles"]) and len(set(params["angles"])) == P  # one per plane
     assert 0.9 <= params["gamma"] <= 1.1
 
 
 # --- the dependency rule ----------------------------------------------------------------------------------------
 def test_data_module_imports_neither_ray_nor_the_conversion():
-    tree = ast.parse((ROOT / "pretrain" / "data.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    assert not any(n.split(".")[0] == "ray" for n in names)
-    assert not any(n.split(".")[0] == "data_prep" for n in names)
-    assert "core.format" in names and "core.manifest" in names  # the sample format and the manifest, from core
+    def imports(module: str) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse((ROOT / "pretrain" / module).read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    loader, transforms = imports("data.py"), imports("transforms.py")
+    assert not any(n.split(".")[0] in ("ray", "data_prep") for n in loader | transforms)
+    assert "core.manifest" in loader and "core.format" in transforms  # the manifest and the sample format, from core
 
 
 def test_an_exception_in_the_trainer_ends_the_process_despite_workers_ignoring_sigterm(dataset):

@@ -133,7 +133,7 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     ns: dict = {}
     exec(compile(code.replace('"runs/demo', f'"{demo}'), "README.md (From Python)", "exec"), ns)
     from core.format import StoreReader
-    from pretrain.data import select_frames
+    from pretrain.transforms import select_frames
 
     subject = sorted((demo / "cohort/ukb").iterdir())[0].name
     reader = StoreReader(demo / "data/ukb")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import DataConfig, MetaCLIPConfig, ViTConfig
+from pretrain.config import DataConfig, KSpaceSampling, MetaCLIPConfig, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/metaclip_cmr_tiny.yaml"
@@ -27,9 +27,9 @@ def _raw_samples(dataset: Path) -> list[dict]:
 
 def test_sequence_samples_are_deterministic_and_share_one_augmentation(kspace24):
     from core.format import KSpaceSample
-    from pretrain.data import KSpaceTransform
+    from pretrain.transforms import KSpaceTransform
 
-    mc = MetaCLIPConfig(slices=3, max_frames=4, image_size=32)
+    mc = KSpaceSampling(slices=3, max_frames=4, image_size=32)
     raws = _raw_samples(kspace24)
     cine = next(r for r in raws if KSpaceSample.from_wds(dict(r)).image.shape[:2][0] >= 4
                 and KSpaceSample.from_wds(dict(r)).image.shape[1] >= 3)
@@ -138,12 +138,12 @@ def _probe_accuracy(export: Path, dataset: Path) -> tuple[float, float]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pretrain.data import KSpaceTransform
+    from pretrain.transforms import KSpaceTransform
     from pretrain.export import load_encoder
     from pretrain.models.metaclip import encode_2d
 
     enc, _, _ = load_encoder(export)
-    t = KSpaceTransform(DataConfig(), MetaCLIPConfig(slices=3, max_frames=4, image_size=32), seed=0, train=False)
+    t = KSpaceTransform(DataConfig(), KSpaceSampling(slices=3, max_frames=4, image_size=32), seed=0, train=False)
     feats, labels = [], []
     with torch.no_grad():
         for raw in _raw_samples(dataset):

@@ -81,7 +81,7 @@ def ukb_eval_transform(cfg, manifest: Manifest):
     offset or segmentations (deterministic)."""
     from dataclasses import replace
 
-    from pretrain.data import SampleTransform
+    from pretrain.transforms import SampleTransform
 
     plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False)
     return SampleTransform(plain, cfg.train.seed, manifest.tabular_stats(), frames=cfg.model.frames)

@@ -27,9 +27,9 @@ class MetaCLIPStage(Stage):
         return cfg.metaclip.image_encoder  # "vit" or "resnet50"
 
     def transform(self, cfg, manifest, train):
-        from pretrain.data import KSpaceTransform
+        from pretrain.transforms import KSpaceTransform
 
-        return KSpaceTransform(cfg.data, cfg.metaclip, cfg.train.seed, train=train)
+        return KSpaceTransform(cfg.data, cfg.metaclip.sampling(), cfg.train.seed, train=train)
 
     def inputs(self, cfg, batch, device, dtype):
         return {"images": batch["image"].to(device, dtype, non_blocking=True), "valid": batch["valid"].to(device),
