@@ -14,7 +14,7 @@ augmentations on -- three ways, in one run, on the same machine and the same sub
                       taken from the converted dataset's metadata, i.e. precomputed), percentile-normalise each
                       plane's 5 frames, the same augmentation; no segmentations read;
       nifti-pipeline  the project's own per-subject conversion on the fly: `read_ukb_nifti_dir` (images and
-                      segmentations) + `data_prep.preprocess_ukb.preprocess` (slice choice, heart centre, crops,
+                      segmentations) + `data_prep.ukb.preprocess.preprocess` (slice choice, heart centre, crops,
                       normalisation of all 50 frames, phenotypes from the label maps), then the 5 frames and the
                       same augmentation -- an upper bound of "convert while training".
 
@@ -115,7 +115,7 @@ class NiftiReference(Dataset):
         import nibabel as nib
 
         from core.vocab import LA_VIEWS
-        from data_prep.preprocess_ukb import store_plane
+        from data_prep.ukb.preprocess import store_plane
         from pretrain.transforms import select_frames
 
         key = self.keys[i]
@@ -146,8 +146,8 @@ class NiftiPipeline(Dataset):
         return len(self.keys)
 
     def __getitem__(self, i: int) -> dict:
-        from data_prep.preprocess_ukb import preprocess
-        from data_prep.sources.ukb_nifti import read_ukb_nifti_dir
+        from data_prep.ukb.preprocess import preprocess
+        from data_prep.ukb.nifti import read_ukb_nifti_dir
         from pretrain.transforms import select_frames
 
         key = self.keys[i]
@@ -332,7 +332,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one core per loader process, as in a DataLoader worker (torch sets 1 there)
 
     from core.format import StoreReader
-    from data_prep.preprocess_ukb import UKBPreprocessConfig
+    from data_prep.ukb.preprocess import UKBPreprocessConfig
     from finetune.data import SubjectDataset
     from pretrain.config import DataConfig, ViTConfig
     from pretrain.data import build_loader

@@ -133,9 +133,9 @@ def build_dataset(tmp: Path) -> tuple[Path, dict]:
     t_synth = time.perf_counter() - t0
     import ray
 
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.ukb import UKBJobConfig, run
-    from data_prep.preprocess_ukb import UKBPreprocessConfig
+    from data_prep.engine import JobConfig
+    from data_prep.ukb.job import UKBJobConfig, run
+    from data_prep.ukb.preprocess import UKBPreprocessConfig
 
     out = tmp / "shards"
     t0 = time.perf_counter()

@@ -261,7 +261,7 @@ def _submit_data_prep(args) -> int:
     launch, scfg, job_overrides, folder = _prepare(args, "data_prep")
     flags = {"src": args.src, "job.out": args.out, "tabular": args.tabular}
     job_overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    module = import_module(f"data_prep.jobs.{args.dataset}")
+    module = import_module(f"data_prep.{args.dataset}.job")
     dcfg = load_config(module.JOB_CONFIG, args.config, job_overrides)
     for key, path in (("src", dcfg.src), ("tabular", getattr(dcfg, "tabular", None))):
         if path is not None and not Path(path).exists():

@@ -263,6 +263,15 @@ def _set_override(raw: dict, override: str) -> str:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def packaged_config(relpath: str) -> Path:
+    """The project's own config file `configs/<relpath>`, wherever the project is (a checkout, where
+    `cmrfm/configs` links to `configs/`, or an installed wheel, which ships them in `cmrfm/configs`), whatever the
+    working directory: found as package data of `cmrfm` through importlib.resources."""
+    from importlib.resources import files
+
+    return Path(str(files("cmrfm").joinpath("configs", *Path(relpath).parts)))
+
+
 def project_path(path: str | os.PathLike) -> Path:
     """A relative path as given when it exists from the working directory, else the project's own file of that
     name (`configs/...` in the checkout, or in the installed wheel's cmrfm/configs), else unchanged."""

@@ -1,6 +1,6 @@
 """The manifest: the contract between a conversion and every reader of its dataset, loaded and checked once.
 
-`manifest.json` at a converted dataset's root is written by `data_prep.jobs.engine` (atomically, after the
+`manifest.json` at a converted dataset's root is written by `data_prep.engine` (atomically, after the
 shards and the Zarr rows it lists). Readers take a `Manifest`: which kind of dataset it is, its Zarr store, its
 blocks (keys, rows, split), its shards, the conversion settings, and for UK Biobank the tabular features and
 the stored geometry. Anything else in the JSON stays reachable through `raw`.
@@ -17,7 +17,7 @@ from core.config import ConfigError
 
 DATASET_KINDS = ("ukb", "kspace")  # manifest["dataset"]: what `python -m data_prep ukb|kspace` wrote
 
-#: The k-space conversion settings that decide a stored sequence (`data_prep.jobs.kspace.KSpaceJobConfig`).
+#: The k-space conversion settings that decide a stored sequence (`data_prep.kspace.job.KSpaceJobConfig`).
 KSPACE_PREPROCESS = ("size", "keep_aspect", "readout_oversampling")
 
 

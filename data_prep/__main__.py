@@ -41,14 +41,14 @@ def _job_flags(args: argparse.Namespace) -> None:
 
 
 def _convert(job: str):
-    """The `ukb` / `kspace` commands: data_prep.jobs.<job> provides JOB_CONFIG and run()."""
+    """The `ukb` / `kspace` commands: data_prep.<job>.job provides JOB_CONFIG and run()."""
 
     def command(args: argparse.Namespace) -> int:
         from importlib import import_module
 
-        from data_prep.jobs.engine import format_summary
+        from data_prep.engine import format_summary
 
-        module = import_module(f"data_prep.jobs.{job}")
+        module = import_module(f"data_prep.{job}.job")
         _job_flags(args)
         cfg = config_from_args(module.JOB_CONFIG, args)
         report, src_bytes = module.run(cfg, progress=not args.quiet)

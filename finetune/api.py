@@ -7,10 +7,10 @@
 
 `preprocess` is the conversion's own code with the conversion settings recorded in the encoder's training
 dataset, so its output is bit for bit the stored sample:
-- an encoder trained on UK Biobank cine (Stage I / II): `data_prep.sources` readers +
-  `data_prep.preprocess_ukb.preprocess` -> (P planes, all stored frames, crop, crop) float16 in [0, 1];
+- an encoder trained on UK Biobank cine (Stage I / II): `data_prep.ukb.study` readers +
+  `data_prep.ukb.preprocess.preprocess` -> (P planes, all stored frames, crop, crop) float16 in [0, 1];
 - an encoder trained on k-space (MetaCLIP-CMR): one CMRxRecon / MMCMR-427K `.mat` file through
-  `data_prep.preprocess_kspace.preprocess_kspace_file` (coil combination, oversampling removed, resized,
+  `data_prep.kspace.preprocess.preprocess_kspace_file` (coil combination, oversampling removed, resized,
   z-scored) -> (T frames, Z slices, S, S) float16; the file's place in the published layout (`MultiCoil/Cine/...`)
   gives its metadata, so pass `relpath=` when the file was moved out of it.
 `embed` takes that array (or a batch of them) and returns the pooled features: for cine the mean of the output
@@ -45,7 +45,7 @@ def read_study(source: Source):
     """A UK Biobank cine study from a ukbb_cardiac NIfTI folder (sa.nii.gz, la_2ch.nii.gz, ...), a folder holding
     one subject's 20209 (short axis) and 20208 (long axis) zips of instance 2, or the pair (sa_zip, la_zip)."""
     from core.config import InputError
-    from data_prep.sources.ukb_nifti import read_ukb_dicom_study, read_ukb_nifti_dir
+    from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
     if isinstance(source, (list, tuple)):
         if len(source) != 2:
@@ -67,8 +67,8 @@ def preprocess_study(source, preprocess: dict) -> tuple[np.ndarray, dict]:
     """(image (P, T, S, S) float16, meta) of one subject — a `Source` or a study `read_study` returned — under the
     conversion settings `preprocess` (a dataset manifest's `config.preprocess`): the functions the conversion job
     runs. `meta` holds the stored geometry (`planes`, `sa_slices`, `plane_affines`, spacing)."""
-    from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess as run
-    from data_prep.sources import CineStudy
+    from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess as run
+    from data_prep.ukb.study import CineStudy
 
     cfg = load_config(UKBPreprocessConfig, None, [f"{k}={json.dumps(v)}" for k, v in preprocess.items()])
     study = source if isinstance(source, CineStudy) else read_study(source)
@@ -80,7 +80,7 @@ def preprocess_kspace(path: str | Path, preprocess: dict, relpath: Optional[str]
     """(images (T, Z, S, S) float16, meta) of one k-space `.mat` file under the k-space conversion settings
     `preprocess` (`size`, `keep_aspect`, `readout_oversampling` of a k-space manifest's config): the function the
     conversion job runs. `relpath`: the file's place in the dataset layout when `path` no longer shows it."""
-    from data_prep.preprocess_kspace import preprocess_kspace_file
+    from data_prep.kspace.preprocess import preprocess_kspace_file
 
     missing = [k for k in ("size", "keep_aspect", "readout_oversampling") if k not in preprocess]
     if missing:

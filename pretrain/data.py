@@ -2,7 +2,7 @@
 sequences for MetaCLIP-CMR), streamed deterministically and resumed exactly.
 
 Input
-    A converted dataset directory (the one holding manifest.json, written by `data_prep.jobs.engine`) and a split
+    A converted dataset directory (the one holding manifest.json, written by `data_prep.engine`) and a split
     (default "train"). The shard list is `manifest["shards"]` of that split, sorted by block id, each with its
     sample count; nothing else is listed or globbed, so shards of an unfinished conversion are never read.
 

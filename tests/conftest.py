@@ -39,8 +39,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def kspace24(tmp_path_factory, ray_cluster) -> Path:
     """24 synthetic k-space sequences (every modality) converted at 32^2, all in the training split."""
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.kspace import KSpaceJobConfig, run
+    from data_prep.engine import JobConfig
+    from data_prep.kspace.job import KSpaceJobConfig, run
 
     src = tmp_path_factory.mktemp("k24")
     res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "1",
@@ -59,9 +59,9 @@ def convert_ukb_tiny(cohort: Path, out: Path, block_size: int, val: float, test:
     """A synthetic cohort through the real UK Biobank job at the demo's geometry (configs/data_prep/ukb_demo.yaml:
     3 SA slices spread base to apex + 3 LA planes, a 115.2 mm field of view on 32^2 pixels); returns the number
     of subjects written."""
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.ukb import UKBJobConfig, run
-    from data_prep.preprocess_ukb import UKBPreprocessConfig
+    from data_prep.engine import JobConfig
+    from data_prep.ukb.job import UKBJobConfig, run
+    from data_prep.ukb.preprocess import UKBPreprocessConfig
 
     cfg = UKBJobConfig(src=cohort / "ukb", tabular=cohort / "ukb_tabular.csv",
                        features=ROOT / "configs/data_prep/ukb_features.yaml",

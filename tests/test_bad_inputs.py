@@ -20,7 +20,7 @@ import pytest
 import scipy.io
 import webdataset as wds
 
-from data_prep.jobs.engine import JobConfig
+from data_prep.engine import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CDT = np.dtype([("real", "<f4"), ("imag", "<f4")])
@@ -199,8 +199,8 @@ UKB_DICOM: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 def ukb_corpus(tiny_cohort, tmp_path_factory, ray_cluster):
     """The tiny cohort's 4 NIfTI subjects (+ one DICOM subject with padded pixel data, a real-world quirk) converted
     alone and then beside every bad kind; both reports and outputs."""
-    from data_prep.jobs.ukb import UKBJobConfig, run
-    from data_prep.preprocess_ukb import UKBPreprocessConfig
+    from data_prep.ukb.job import UKBJobConfig, run
+    from data_prep.ukb.preprocess import UKBPreprocessConfig
 
     tmp = tmp_path_factory.mktemp("ukb_corpus")
     src = tmp / "src"
@@ -258,7 +258,7 @@ def _h5(path: Path, arr: np.ndarray, key: str = "kspace_full") -> None:
 
 
 def _kspace_of(path: Path) -> np.ndarray:
-    from data_prep.sources.kspace import read_kspace_mat
+    from data_prep.kspace.source import read_kspace_mat
 
     return read_kspace_mat(path)
 
@@ -292,7 +292,7 @@ KSPACE: dict[str, tuple[str, Callable[[Path, Path], None], str]] = {
 
 @pytest.fixture(scope="module")
 def kspace_corpus(tiny_cohort, tmp_path_factory, ray_cluster):
-    from data_prep.jobs.kspace import KSpaceJobConfig, run
+    from data_prep.kspace.job import KSpaceJobConfig, run
 
     tmp = tmp_path_factory.mktemp("kspace_corpus")
     src = tmp / "src"

@@ -16,7 +16,7 @@ import webdataset as wds
 import zarr
 
 from core.format import _Sample, decode_key
-from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, run_job
+from data_prep.engine import ArraySpec, JobConfig, WorkItem, run_job
 from data_prep.splits import split_of
 
 

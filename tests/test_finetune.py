@@ -186,8 +186,8 @@ def test_embed_cli_writes_one_embedding_per_subject(cohort60, tmp_path):
 
 def test_modality_view_probe_then_finetune_from_a_metaclip_style_encoder(kspace24, tmp_path, ray_cluster):
     """MetaCLIP-CMR's downstream protocol (Probe+FT) on k-space sequences with train / val / test splits."""
-    from data_prep.jobs.engine import JobConfig
-    from data_prep.jobs.kspace import KSpaceJobConfig, run
+    from data_prep.engine import JobConfig
+    from data_prep.kspace.job import KSpaceJobConfig, run
     from finetune.train import fit
 
     src = Path(json.loads((kspace24 / "manifest.json").read_text())["source"])

@@ -10,9 +10,9 @@ import numpy as np
 import webdataset as wds
 
 from core.format import KSpaceSample, StoreReader
-from data_prep.jobs.engine import JobConfig
-from data_prep.jobs.kspace import KSpaceJobConfig, run
-from data_prep.preprocess_kspace import preprocess_kspace_file
+from data_prep.engine import JobConfig
+from data_prep.kspace.job import KSpaceJobConfig, run
+from data_prep.kspace.preprocess import preprocess_kspace_file
 
 
 def _cfg(src: Path, out: Path) -> KSpaceJobConfig:
@@ -81,7 +81,7 @@ def _key_splits(manifest: dict) -> dict[str, str]:
 
 
 def _patient(key: str) -> str:
-    from data_prep.sources.kspace import parse_relpath, patient_key
+    from data_prep.kspace.source import parse_relpath, patient_key
 
     modality, *site, patient, name = key.split("/")
     return patient_key(parse_relpath(f"MultiCoil/{modality}/TrainingSet/FullSample/{'/'.join(site)}/{patient}/{name}.mat"))
@@ -90,8 +90,8 @@ def _patient(key: str) -> str:
 def test_stratified_split_is_grouped_and_stable_when_the_archive_grows(tmp_path, ray_cluster):
     """Convert 40 scans, add 30 (new patients and new sequences of old ones): every old key keeps its split, every
     patient's sequences share one split, the manifest records the scheme, and a stratum a split lacks is named."""
-    from data_prep.jobs.engine import format_summary
-    from data_prep.sources.kspace import stratum
+    from data_prep.engine import format_summary
+    from data_prep.kspace.source import stratum
     from data_prep.synth import kspace as K
 
     plan = K.plan_kspace_scans(70, seed=5, size_scale=0.2)
@@ -136,8 +136,8 @@ def test_stratified_split_is_grouped_and_stable_when_the_archive_grows(tmp_path,
 
 
 def _demo_items(n: int, seed: int, size_scale: float):
-    from data_prep.jobs.engine import WorkItem
-    from data_prep.sources.kspace import patient_key, sequence_key, stratum
+    from data_prep.engine import WorkItem
+    from data_prep.kspace.source import patient_key, sequence_key, stratum
     from data_prep.synth import kspace as K
 
     items = []
@@ -153,8 +153,8 @@ def test_demo_cohort_has_every_stratum_in_every_split_and_grows_stably():
     view) stratum in train, val and test near the fractions; planning a larger archive after it moves nothing."""
     import yaml
 
-    from data_prep.jobs.engine import BlockResult, _plan_blocks, _record_split_scheme, _split_state
-    from data_prep.jobs.kspace import SPLIT_SCHEME
+    from data_prep.engine import BlockResult, _plan_blocks, _record_split_scheme, _split_state
+    from data_prep.kspace.job import SPLIT_SCHEME
 
     root = Path(__file__).resolve().parents[1] / "configs" / "data_prep"
     synth = yaml.safe_load((root / "synth_demo.yaml").read_text())
@@ -189,7 +189,7 @@ def test_demo_cohort_has_every_stratum_in_every_split_and_grows_stably():
 
 
 def test_ukb_and_older_kspace_datasets_keep_the_hash_split():
-    from data_prep.jobs.engine import _plan_blocks, _split_state
+    from data_prep.engine import _plan_blocks, _split_state
     from data_prep.splits import split_of
 
     assert _split_state(None, "hash") == {"name": "hash"}

@@ -16,12 +16,12 @@ import webdataset as wds
 
 from core.format import StoreReader, UKBSample, normalise_tabular
 from core.vocab import DISEASES, PHENOTYPES
-from data_prep.jobs.engine import JobConfig
-from data_prep.jobs.ukb import UKBJobConfig, discover, run
-from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
-from data_prep.sources.ukb_nifti import read_ukb_nifti_dir
+from data_prep.engine import JobConfig
+from data_prep.ukb.job import UKBJobConfig, discover, run
+from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess
+from data_prep.ukb.nifti import read_ukb_nifti_dir
 from data_prep.splits import split_of
-from data_prep.tabular import extract_features, load_feature_spec, read_ukb_csv
+from data_prep.ukb.tabular import extract_features, load_feature_spec, read_ukb_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

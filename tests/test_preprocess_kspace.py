@@ -1,5 +1,5 @@
-"""Tests for the k-space reading side (data_prep.sources.kspace) and the per-file
-MetaCLIP-CMR preprocessing (data_prep.preprocess_kspace), on synthetic k-space."""
+"""Tests for the k-space reading side (data_prep.kspace.source) and the per-file
+MetaCLIP-CMR preprocessing (data_prep.kspace.preprocess), on synthetic k-space."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep import preprocess_kspace as PK
-from data_prep.sources import kspace as SK
+from data_prep.kspace import preprocess as PK
+from data_prep.kspace import source as SK
 from data_prep.synth import kspace as K
 
 SMALL = 0.3  # size_scale: nx ~ 30-38

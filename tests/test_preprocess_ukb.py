@@ -17,9 +17,9 @@ import pytest
 from core.config import load_config
 from core.config import InputError
 from core.vocab import LABELS, PHENOTYPES, SOURCE_LABEL_MAPS
-from data_prep.jobs.ukb import UKBJobConfig
-from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess, select_sa_slices, store_plane
-from data_prep.sources.ukb_nifti import read_ukb_dicom_study, read_ukb_nifti_dir
+from data_prep.ukb.job import UKBJobConfig
+from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess, select_sa_slices, store_plane
+from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
 CFG = UKBPreprocessConfig()
 
@@ -157,7 +157,7 @@ def test_bad_inputs_name_the_file_and_reason(tiny_cohort, tmp_path):
 def test_absurd_geometry_is_refused_with_the_reason(tiny_cohort, tmp_path):
     """Geometry is checked before anything is measured in millimetres (a 1e6 mm short-axis pixel used to convert
     with blank long-axis planes and LVEDV = 2e19 mL)."""
-    from data_prep.preprocess_ukb import validate_geometry
+    from data_prep.ukb.preprocess import validate_geometry
 
     study = read_ukb_nifti_dir(_subjects(tiny_cohort)[0])
     validate_geometry(study)  # the clean subject passes

@@ -18,8 +18,8 @@ PACKAGES = ("core", "data_prep", "pretrain", "finetune", "cluster")  # (+ cmrfm:
 # exception by design: the finetune API's raw-input preprocessing calls the conversion's own readers and
 # preprocessing (ray-free modules), so that a raw subject becomes exactly the stored sample, never a second copy
 RAW_INPUT_MODULES = {"finetune/api.py"}
-RAW_INPUT_MAY_IMPORT = {"data_prep.sources", "data_prep.sources.ukb_nifti", "data_prep.preprocess_ukb",
-                        "data_prep.preprocess_kspace"}
+RAW_INPUT_MAY_IMPORT = {"data_prep.ukb.study", "data_prep.ukb.nifti", "data_prep.ukb.preprocess",
+                        "data_prep.kspace.preprocess"}
 ALLOWED = {
     "core": {"core"},
     "data_prep": {"core", "data_prep"},
@@ -64,10 +64,10 @@ def test_cli_help(package):
 def _schema(path: Path):
     component = path.parent.name
     if component == "data_prep" and path.name.startswith("ukb_"):
-        from data_prep.jobs.ukb import UKBJobConfig
+        from data_prep.ukb.job import UKBJobConfig
         return UKBJobConfig
     if component == "data_prep" and path.name.startswith("kspace_"):
-        from data_prep.jobs.kspace import KSpaceJobConfig
+        from data_prep.kspace.job import KSpaceJobConfig
         return KSpaceJobConfig
     if component == "data_prep":
         from data_prep.synth.cohort import SynthConfig
@@ -98,7 +98,7 @@ def test_every_component_ships_paper_and_tiny_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_shipped_configs_validate(path):
     if path.name == "ukb_features.yaml":  # the tabular feature spec has its own schema
-        from data_prep.tabular import load_feature_spec
+        from data_prep.ukb.tabular import load_feature_spec
         assert len(load_feature_spec(path).features) == 117
         return
     load_config(_schema(path), path)
@@ -154,8 +154,8 @@ def test_help_examples_parse_and_their_configs_validate(package):
     against the command's schema (an example with a wrong key, such as run.out_dir, fails here)."""
     import importlib
 
-    from data_prep.jobs.kspace import KSpaceJobConfig
-    from data_prep.jobs.ukb import UKBJobConfig
+    from data_prep.kspace.job import KSpaceJobConfig
+    from data_prep.ukb.job import UKBJobConfig
     from data_prep.synth.cohort import SynthConfig
     from finetune.config import FinetuneConfig
     from finetune.scaling import ScalingConfig

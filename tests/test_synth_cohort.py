@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from core.vocab import DISEASES
-from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
-from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
+from data_prep.ukb.phenotypes import PHENOTYPES, measure_phenotypes
+from data_prep.ukb.dicom import read_ukb_dicom_zip
 from data_prep.synth.cohort import SynthConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]

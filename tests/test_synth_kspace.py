@@ -1,4 +1,4 @@
-"""Tests for the synthetic multi-coil k-space generator (data_prep.synth.kspace) and data_prep.mri."""
+"""Tests for the synthetic multi-coil k-space generator (data_prep.synth.kspace) and data_prep.kspace.mri."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from data_prep.mri import centered_fft2, centered_ifft2, rss
+from data_prep.kspace.mri import centered_fft2, centered_ifft2, rss
 from data_prep.synth import kspace as K
 
 SMALL = 0.3  # size_scale for fast tests: nx ~ 30-38

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from core.vocab import DISEASES
-from data_prep.phenotypes import ventricular_volumes_ml
+from data_prep.ukb.phenotypes import ventricular_volumes_ml
 from data_prep.synth.heart import HeartModel, plane_labels, volume_curve
 from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng
 

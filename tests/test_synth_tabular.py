@@ -1,4 +1,4 @@
-"""Synthetic UK Biobank tabular export (data_prep/synth/tabular.py) and the field catalogue (data_prep/ukb_fields.py)."""
+"""Synthetic UK Biobank tabular export (data_prep/synth/tabular.py) and the field catalogue (data_prep/ukb/fields.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from core.vocab import DISEASES
-from data_prep import ukb_fields as U
+from data_prep.ukb import fields as U
 from data_prep.synth import tabular as T
 from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng
 

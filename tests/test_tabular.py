@@ -1,4 +1,4 @@
-"""UK Biobank tabular conversion library (data_prep/tabular.py) on a synthetic export with real-export quirks."""
+"""UK Biobank tabular conversion library (data_prep/ukb/tabular.py) on a synthetic export with real-export quirks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from data_prep import tabular as TB
-from data_prep import ukb_fields as U
+from data_prep.ukb import tabular as TB
+from data_prep.ukb import fields as U
 from data_prep.synth import tabular as T
 from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng
 

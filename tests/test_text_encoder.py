@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_prep.preprocess_kspace import MODALITY_PHRASES, TEMPLATES, VIEW_PHRASES, metadata_text
+from data_prep.kspace.preprocess import MODALITY_PHRASES, TEMPLATES, VIEW_PHRASES, metadata_text
 from pretrain.config import MetaCLIPConfig
 from pretrain.models.text import SPECIAL_TOKENS, TextEncoder, build_text_encoder, default_text_checkpoint
 

@@ -1,4 +1,4 @@
-"""UK Biobank-style DICOM zips: writer (data_prep.synth.ukb_dicom) <-> reader (data_prep.sources.ukb_dicom)."""
+"""UK Biobank-style DICOM zips: writer (data_prep.synth.ukb_dicom) <-> reader (data_prep.ukb.dicom)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep.sources.ukb_dicom import (
+from data_prep.ukb.dicom import (
     CorruptZipError,
     DicomHeaderError,
     DicomZipError,

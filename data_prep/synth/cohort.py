@@ -31,7 +31,7 @@ from tqdm import tqdm
 from core.config import ConfigError, config_to_dict, save_resolved_config
 from core.fsutil import atomic_path, atomic_write_text, dir_bytes
 from core.vocab import DISEASES
-from data_prep.phenotypes import PHENOTYPES, measure_phenotypes
+from data_prep.ukb.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.synth import kspace as ksp
 from data_prep.synth.heart import (LA_THICKNESS_MM, N_FRAMES, SA_SPACING_MM, SA_THICKNESS_MM, HeartModel,
                                    plane_labels)

@@ -37,7 +37,7 @@ BlackBlood  blackblood    sax                          3-5          (4D)
 
 ``cine_lax`` is the long-axis stack of CMRxRecon 2023/2024 (one slice per view);
 ``cine_lax_2ch`` / ``_3ch`` / ``_4ch`` are per-view files as CMRxRecon 2025 names
-them (the reader takes both, :func:`data_prep.sources.kspace.slice_views`).  A
+them (the reader takes both, :func:`data_prep.kspace.source.slice_views`).  A
 synthetic archive holds both, so every cine view has files with a single view label.
 
 Array layout -- as h5py sees a MATLAB v7.3 file (MATLAB itself reports the
@@ -58,7 +58,7 @@ the canonical ``(nt, nz, nc, ny, nx)`` / ``(nz, nc, ny, nx)`` for both formats.
 
 The reading side -- :data:`RELPATH_RE`, :func:`parse_relpath`,
 :func:`read_kspace_mat`, :data:`DEFAULT_KEY` -- lives in
-:mod:`data_prep.sources.kspace` (shared with the real datasets) and is
+:mod:`data_prep.kspace.source` (shared with the real datasets) and is
 re-exported here.
 
 Images: every (t, z) magnitude image is rendered from a 2D cardiac phantom for
@@ -105,9 +105,9 @@ import numpy as np
 import scipy.io
 
 from core.fsutil import atomic_path
-from data_prep.mri import centered_fft2
-# Reading side (path layout, MAT reader) lives in data_prep.sources.kspace; re-exported here.
-from data_prep.sources.kspace import DEFAULT_KEY, RELPATH_RE, parse_relpath, read_kspace_mat
+from data_prep.kspace.mri import centered_fft2
+# Reading side (path layout, MAT reader) lives in data_prep.kspace.source; re-exported here.
+from data_prep.kspace.source import DEFAULT_KEY, RELPATH_RE, parse_relpath, read_kspace_mat
 
 __all__ = [
     "CATALOGUE",
@@ -829,7 +829,7 @@ def make_kspace(scan: KSpaceScan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------
-# MAT-file writers (the reader is data_prep.sources.kspace.read_kspace_mat)
+# MAT-file writers (the reader is data_prep.kspace.source.read_kspace_mat)
 # --------------------------------------------------------------------------------------
 
 _FIXED_DATE = "Mon Jan  1 00:00:00 2024"

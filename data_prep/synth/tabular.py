@@ -2,7 +2,7 @@
 
 ``tabular_row`` turns one ``Subject`` (plus the cardiac phenotypes measured from its label maps) into the
 row a ukbconv CSV export would hold: column ``FIELD-INSTANCE.ARRAY`` -> value (None = empty cell), for
-every field of the catalogue ``data_prep.ukb_fields`` at instance 0 (baseline, 4-9 years before the
+every field of the catalogue ``data_prep.ukb.fields`` at instance 0 (baseline, 4-9 years before the
 scan) and 2 (imaging visit). ``write_tabular_csv`` writes the rows as one CSV, ``eid`` first.
 
 Values follow the physiology: two automated BP readings scatter around ``subject.sbp_mmhg``; inline
@@ -50,7 +50,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from core.fsutil import atomic_write_text
-from data_prep import ukb_fields as U
+from data_prep.ukb import fields as U
 from data_prep.synth.physiology import Subject
 
 TABULAR_CSV_NAME = "ukb_tabular.csv"

@@ -7,7 +7,7 @@ slice (``CINE_segmented_SAX_b1`` = most basal ... ``_b<N>``) and usually a deriv
 series that converters must skip; the long-axis zip ``<eid>_20208_2_0.zip`` has ``CINE_segmented_LAX_2Ch``,
 ``_3Ch`` and ``_4Ch``. This module reproduces that layout from planes rendered by the synthetic cohort.
 
-Geometry convention (shared with the NIfTI writer and ``data_prep.sources.ukb_dicom``): a plane is an integer
+Geometry convention (shared with the NIfTI writer and ``data_prep.ukb.dicom``): a plane is an integer
 array ``vol[x, y, t]`` (x = DICOM column index, y = DICOM row index, so ``ds.pixel_array == vol[:, :, t].T``) with
 a NIfTI affine ``A`` (RAS+, mm) mapping voxel ``(x, y, k)`` to RAS. DICOM is LPS; with ``F = diag(-1, -1, 1)``:
 

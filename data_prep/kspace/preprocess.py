@@ -1,7 +1,7 @@
 """Raw multi-coil k-space file -> MetaCLIP-CMR training sample (numpy + scipy only).
 
 Per file (one sequence) of the CMRxRecon / MMCMR-427K layout
-(:mod:`data_prep.sources.kspace`), :func:`preprocess_kspace_file` returns the
+(:mod:`data_prep.kspace.source`), :func:`preprocess_kspace_file` returns the
 preprocessed images and the acquisition metadata with its text, following
 MetaCLIP-CMR Sec. 2.2:
 
@@ -51,8 +51,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from core.config import InputError
-from data_prep.mri import centered_ifft2, rss
-from data_prep.sources.kspace import (
+from data_prep.kspace.mri import centered_ifft2, rss
+from data_prep.kspace.source import (
     KIND_RANK,
     MODALITIES,
     VIEWS,
@@ -104,9 +104,9 @@ def reconstruct(kspace: np.ndarray, readout_oversampling: float = 1.0) -> np.nda
     """Fully sampled multi-coil k-space -> RSS magnitude, float32 ``(nt, nz, ny, nx / readout_oversampling)``.
 
     ``kspace``: complex ``(nt, nz, nc, ny, nx)`` or ``(nz, nc, ny, nx)`` (-> nt = 1).
-    Centred orthonormal inverse FFT over (ny, nx) (:func:`data_prep.mri.centered_ifft2`), the central
+    Centred orthonormal inverse FFT over (ny, nx) (:func:`data_prep.kspace.mri.centered_ifft2`), the central
     ``1 / readout_oversampling`` of the readout (x) kept in image space (CMRxRecon: 2x oversampled, 512 -> 256),
-    then root-sum-of-squares over the coil axis (:func:`data_prep.mri.rss`).
+    then root-sum-of-squares over the coil axis (:func:`data_prep.kspace.mri.rss`).
     Frames are processed one at a time to bound temporary memory.
     """
     k = np.asarray(kspace)
@@ -351,9 +351,9 @@ def preprocess_kspace_file(
 
     ``path``: the file; ``relpath``: its path in the dataset layout (metadata is parsed
     from it; default: ``path`` itself, which works when it contains ``MultiCoil/...``).
-    ``key``: MAT variable name(s); default :func:`data_prep.sources.kspace.candidate_keys`
+    ``key``: MAT variable name(s); default :func:`data_prep.kspace.source.candidate_keys`
     (``kspace_full``, then ``kspace``; ``kspace_subNN`` for AccFactorNN folders).
-    The file kind's rank (:data:`data_prep.sources.kspace.KIND_RANK`) restores the trailing singleton axes MATLAB
+    The file kind's rank (:data:`data_prep.kspace.source.KIND_RANK`) restores the trailing singleton axes MATLAB
     drops. ``readout_oversampling``: the readout's oversampling factor (CMRxRecon / MMCMR-427K: 2), removed in
     image space (:func:`reconstruct`).
 

@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from core.config import InputError
 from core.vocab import LA_VIEWS, PHENOTYPES, SOURCE_LABEL_MAPS, plane_names
-from data_prep.phenotypes import measure_phenotypes
-from data_prep.sources import CineStudy
+from data_prep.ukb.phenotypes import measure_phenotypes
+from data_prep.ukb.study import CineStudy
 
 _SLAB_MM = 10.0  # labelled voxels of other planes within this distance of a long-axis plane count as seen in it
 _APEX_MOTION_FRACTION = 0.15  # image-based apex: the motion run below the base ends under this share of the range

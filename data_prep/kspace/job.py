@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from core.format import KSpaceSample
-from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
-from data_prep.preprocess_kspace import MODALITIES, VIEWS, preprocess_kspace_file
-from data_prep.sources.kspace import parse_relpath, patient_key, sequence_key, stratum
+from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
+from data_prep.kspace.preprocess import MODALITIES, VIEWS, preprocess_kspace_file
+from data_prep.kspace.source import parse_relpath, patient_key, sequence_key, stratum
 
 
 @dataclass
@@ -72,7 +72,7 @@ def discover(src: Path, fully_sampled_only: bool = True) -> tuple[list[WorkItem]
 
 
 #: New k-space datasets: a patient's sequences share a split; each (modality, view) stratum is spread over the
-#: splits by the fractions (data_prep.jobs.engine, "stratified"). Datasets converted before keep their hash split.
+#: splits by the fractions (data_prep.engine, "stratified"). Datasets converted before keep their hash split.
 SPLIT_SCHEME = {"name": "stratified", "group_by": "patient: sources.kspace.patient_key ([split/][centre/scanner/]P###)",
                 "stratify_by": "modality/view: sources.kspace.stratum (e.g. cine/sax, cine/2ch, t1map/sax)"}
 
@@ -116,7 +116,7 @@ class KSpaceDataset:
 
 def run(cfg: KSpaceJobConfig, progress: bool = True):
     from core.config import save_resolved_config
-    from data_prep.jobs.engine import run_job
+    from data_prep.engine import run_job
 
     items, skipped, ignored = discover(cfg.src, cfg.fully_sampled_only)
     save_resolved_config(cfg, cfg.job.out, "kspace_config.yaml")

@@ -22,9 +22,9 @@ import numpy as np
 from core.config import InputError
 from core.format import UKBSample
 from core.vocab import DISEASES, PHENOTYPES
-from data_prep.jobs.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
-from data_prep.preprocess_ukb import UKBPreprocessConfig, preprocess
-from data_prep.sources.ukb_nifti import read_ukb_dicom_study, read_ukb_nifti_dir
+from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
+from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess
+from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
 _ZIP_RE = re.compile(r"^(\d+)_(20208|20209)_(\d+)_(\d+)\.zip$")
 
@@ -115,8 +115,8 @@ def geometry(p: UKBPreprocessConfig) -> dict:
 def run(cfg: UKBJobConfig, progress: bool = True):
     """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
     from core.config import save_resolved_config
-    from data_prep.jobs.engine import run_job
-    from data_prep.tabular import (disease_table, extract_features, feature_schema, fit_stats,
+    from data_prep.engine import run_job
+    from data_prep.ukb.tabular import (disease_table, extract_features, feature_schema, fit_stats,
                                    load_feature_spec, read_ukb_csv)
 
     items, skipped, ignored = discover(cfg.src, cfg.layout)

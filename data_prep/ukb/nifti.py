@@ -9,8 +9,8 @@ import numpy as np
 
 from core.config import InputError
 from core.vocab import SOURCE_LABEL_MAPS
-from data_prep.sources import CINE_VIEWS, SEGMENTED_VIEWS, CineStudy
-from data_prep.sources.ukb_dicom import read_ukb_dicom_zip
+from data_prep.ukb.study import CINE_VIEWS, SEGMENTED_VIEWS, CineStudy
+from data_prep.ukb.dicom import read_ukb_dicom_zip
 
 
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:

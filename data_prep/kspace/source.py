@@ -66,7 +66,7 @@ to the file kind's rank (:data:`KIND_RANK`).
 
 Readout oversampling: CMRxRecon and MMCMR-427K k-space is acquired with a 2x
 oversampled readout (``kx``, canonical ``nx``: 512 samples for a 256-pixel field
-of view); :func:`data_prep.preprocess_kspace.reconstruct` keeps the central
+of view); :func:`data_prep.kspace.preprocess.reconstruct` keeps the central
 1/factor of the readout in image space, as the challenge's own tools do.
 """
 

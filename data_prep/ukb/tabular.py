@@ -12,7 +12,7 @@ A library (numpy + pandas + pyyaml; no ray, no torch) that the conversion job ca
 
 The feature spec (``configs/data_prep/ukb_features.yaml``) is the user-editable source of truth; it was
 generated once from ``ukb_fields.APPENDIX_D_FEATURES`` + the catalogue by ``default_feature_spec`` /
-``feature_spec_yaml`` (``python -m data_prep.tabular PATH`` rewrites it). The YAML header documents every
+``feature_spec_yaml`` (``python -m data_prep.ukb.tabular PATH`` rewrites it). The YAML header documents every
 key; the rules in short:
 
 * A cell is *missing* when it is empty, not a finite number (reported by ``read_ukb_csv``) or one of the
@@ -54,16 +54,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from core.config import ConfigError, InputFileError, _UniqueKeyLoader
+from core.config import ConfigError, InputFileError, _UniqueKeyLoader, packaged_config
 from core.format import normalise_tabular
-from data_prep import ukb_fields as U
+from data_prep.ukb import fields as U
 
 KINDS = ("numerical", "binary", "categorical")
 REDUCES = ("value", "mean", "any_code", "count_codes")
 SPEC_FORMAT_VERSION = 1
 STATS_FORMAT = "cmrfm-tabular-stats"
 STATS_SCHEMA_VERSION = 1
-DEFAULT_SPEC_PATH = Path(__file__).resolve().parents[1] / "configs" / "data_prep" / "ukb_features.yaml"
+DEFAULT_SPEC_PATH = packaged_config("data_prep/ukb_features.yaml")  # the project's, from any directory
 DEFAULT_SELF_REPORT_INSTANCES = (U.INSTANCE_BASELINE, U.INSTANCE_IMAGING)
 
 # Catalogue fields that are integers without a coding but that ViTa treats as categorical.
@@ -432,10 +432,10 @@ def default_feature_spec() -> TabularSpec:
 
 _YAML_HEADER = """\
 # UK Biobank tabular features for ViTa Stage II (paper Appendix D: 67 numerical, 18 binary, 32 categorical)
-# and the disease labels (Appendix F). Read by data_prep.tabular.load_feature_spec; one feature = one token of
+# and the disease labels (Appendix F). Read by data_prep.ukb.tabular.load_feature_spec; one feature = one token of
 # the tabular encoder, in this order. This file is the user-editable source of truth: delete, reorder or add
 # features freely (the statistics version changes with the spec). It was generated from
-# data_prep/ukb_fields.py (APPENDIX_D_FEATURES + the field catalogue) by `python -m data_prep.tabular PATH`;
+# data_prep/ukb/fields.py (APPENDIX_D_FEATURES + the field catalogue) by `python -m data_prep.ukb.tabular PATH`;
 # tests/test_tabular.py pins this default, so keep custom variants in their own file.
 #
 # Keys of a feature:
@@ -461,7 +461,7 @@ _YAML_HEADER = """\
 # missing_codes: codes that mean "no usable answer" everywhere (-1 / -121 do not know, -3 / -818 prefer not
 #   to answer); empty cells and non-numeric junk are missing too.
 #
-# Normalisation (fit on the training split only, data_prep.tabular.fit_stats): numerical -> z-score, missing
+# Normalisation (fit on the training split only, data_prep.ukb.tabular.fit_stats): numerical -> z-score, missing
 # imputed with the training mean (0 after z-scoring); categorical / binary -> index, missing imputed with the
 # training mode. The missingness mask is stored next to the values.
 version: 1
@@ -470,8 +470,8 @@ features:
 """
 
 _DISEASE_HEADER = """\
-# Disease labels, in this order (UKBSample.diseases; data_prep.tabular.disease_table). The ICD-10 code lists
-# are NOT repeated here: `icd10` names a list of data_prep.ukb_fields.ICD10_DISEASES (Appendix F, pinned to the
+# Disease labels, in this order (UKBSample.diseases; data_prep.ukb.tabular.disease_table). The ICD-10 code lists
+# are NOT repeated here: `icd10` names a list of data_prep.ukb.fields.ICD10_DISEASES (Appendix F, pinned to the
 # paper by tests/test_synth_tabular.py) matched exactly against every array of field 41270 (instance 0,
 # "Diagnoses - ICD10", dots removed). high_blood_pressure = the hypertension ICD-10 list OR the touchscreen
 # self-report "Vascular/heart problems diagnosed by doctor" (6150) containing 4 at any listed instance.
@@ -1103,7 +1103,7 @@ def disease_table(df: pd.DataFrame, spec: TabularSpec | None = None) -> tuple[np
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_prep.tabular [PATH]``: (re)write the default Appendix D spec YAML."""
+    """``python -m data_prep.ukb.tabular [PATH]``: (re)write the default Appendix D spec YAML."""
     args = sys.argv[1:] if argv is None else argv
     path = write_default_spec(args[0] if args else DEFAULT_SPEC_PATH)
     spec = load_feature_spec(path)

@@ -1,1 +1,0 @@
-"""Ray conversion jobs: raw sources -> WebDataset shards + Zarr store + manifest."""
