@@ -17,20 +17,17 @@ from pathlib import Path
 from core.fsutil import atomic_write_text
 from finetune import report
 from finetune.config import FinetuneConfig
+from finetune.tasks import get_task
 from finetune.train import fit
 
-KEY = {"phenotypes": "per_target", "diseases": "per_disease", "segmentation": "per_structure"}
-
-
-def _per_target_resnet(cfg: FinetuneConfig, out: Path) -> dict:
-    """ResNet-50 trained separately for each target / disease; the per-target test metrics merged."""
-    task, merged = cfg.task.name, {}
-    names = cfg.task.targets if task == "phenotypes" else cfg.task.diseases
-    for name in names:
-        one = replace(cfg.task, targets=[name]) if task == "phenotypes" else replace(cfg.task, diseases=[name])
+def _per_output_resnet(cfg: FinetuneConfig, task, out: Path) -> dict:
+    """ResNet-50 trained separately for each target / disease; the per-output test metrics merged."""
+    merged = {}
+    for name in task.output_names(cfg):
+        one = task.single_output(cfg, name)
         res = fit(replace(cfg, task=one, baseline="resnet50", out=out / name), progress=False)
-        merged.update(res["test"][KEY[task]])
-    return {KEY[task]: merged}
+        merged.update(res["test"][task.per_output])
+    return {task.per_output: merged}
 
 
 def label_efficiency(cfg: FinetuneConfig, methods: dict[str, str], fractions: list[float], full: dict,
@@ -64,37 +61,28 @@ def label_efficiency(cfg: FinetuneConfig, methods: dict[str, str], fractions: li
 def compare(cfg: FinetuneConfig, methods: dict[str, str], baselines: list[str],
             fractions: tuple[float, ...] = ()) -> Path:
     out = Path(cfg.out)
-    task = cfg.task.name
+    task = get_task(cfg.task.name)
     results: dict[str, dict] = {}
     for b in baselines:
         if b not in ("mean_guess", "vit_scratch", "resnet50"):
             raise ValueError(f"unknown baseline {b!r}: mean_guess, vit_scratch or resnet50")
-        if b == "mean_guess" and task not in ("phenotypes", "diseases"):
-            continue  # no meaning for segmentation / modality-view
-        if b == "resnet50" and task in ("phenotypes", "diseases"):
-            results[b] = _per_target_resnet(cfg, out / b)
-        elif b != "resnet50" or task == "modality_view":
+        if (b == "mean_guess" and not task.has_mean_guess) or (b == "resnet50" and task.needs_vit):
+            continue  # no meaning for this task
+        if b == "resnet50" and task.per_output:
+            results[b] = _per_output_resnet(cfg, task, out / b)
+        else:
             results[b] = fit(replace(cfg, baseline=b, out=out / b), progress=False)["test"]
     for name, encoder in methods.items():
         results[name] = fit(replace(cfg, baseline="none", encoder=Path(encoder), out=out / name), progress=False)["test"]
-    if task == "phenotypes":
-        table = report.phenotype_table({m: r[KEY[task]] for m, r in results.items()}, cfg.task.targets)
-    elif task == "diseases":
-        table = report.disease_table({m: r[KEY[task]] for m, r in results.items()})
-    elif task == "segmentation":
-        table = report.segmentation_table({m: r[KEY[task]] for m, r in results.items()})
-    else:
-        cols = ["modality_accuracy", "modality_balanced_accuracy", "view_accuracy", "view_balanced_accuracy"]
-        table = report.markdown_table([{"method": m, **{c: r[c] for c in cols}} for m, r in results.items()],
-                                      ["method", *cols])
+    table = task.comparison_table(cfg, results)
     atomic_write_text(out / "comparison.json", json.dumps(results, indent=1, default=float))
     sections = [("Methods", "Same splits, seed and protocol (" + cfg.protocol.kind + "); only the encoder differs."),
                 ("Results", table)]
-    if fractions and task == "phenotypes":
+    if fractions and task.label_efficiency:
         eff = label_efficiency(cfg, methods, list(fractions), results, baselines)
         sections.append(("Label efficiency: average test MAE / mean-guess (same labelled subset)",
                          label_efficiency_table(eff, cfg.task.targets)))
-    return report.write_report(out / "comparison.md", f"Comparison: {task} (test split)", sections)
+    return report.write_report(out / "comparison.md", f"Comparison: {task.name} (test split)", sections)
 
 
 def label_efficiency_table(eff: dict, names: list[str]) -> str:

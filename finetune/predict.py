@@ -43,27 +43,14 @@ def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple
         raise FileNotFoundError(f"{run}: not a finished fine-tuning run (no {', '.join(missing)})")
     cfg = load_config(FinetuneConfig, run / "config.yaml")
     result = json.loads((run / "metrics.json").read_text())
-    if cfg.task.name == "modality_view":
-        raise ValueError(f"{run}: predict serves the UK Biobank tasks; modality / view runs are scored by "
-                         "`finetune train` on a converted k-space dataset")
-    model, _ = build_model(cfg, get_task(cfg.task.name).n_outputs(cfg))
+    task = get_task(cfg.task.name)
+    if task.dataset != "ukb":
+        raise ValueError(f"{run}: predict serves the UK Biobank tasks; {task.name} runs are scored by "
+                         "`finetune train` on a converted dataset")
+    model, _ = build_model(cfg, task.n_outputs(cfg))
     model.load_state_dict(load_file(str(run / "best.safetensors")))
-    if cfg.task.name == "phenotypes" and "target_stats" not in result:  # a run from before fit saved them: once
-        from finetune.data import SubjectDataset
-        from finetune.tasks.phenotypes import target_stats
-
-        mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", "phenotypes", cfg.model, train=False,
-                                                seed=cfg.seed, targets=cfg.task.targets))
-        result["target_stats"] = {"mean": mean.tolist(), "std": std.tolist()}
+    result.update(task.restore(cfg, result))  # what an older run lacks, computed once
     return cfg, model.to(torch.device(device)).eval(), result
-
-
-def _stats(cfg: FinetuneConfig, result: dict) -> dict:
-    """The phenotype targets' training mean / std (de-normalising the head's output), as `load_finetuned` has
-    them."""
-    if cfg.task.name != "phenotypes":
-        return {"mean": None, "std": None}
-    return {k: np.asarray(v, np.float64) for k, v in result["target_stats"].items()}
 
 
 def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
@@ -102,39 +89,17 @@ def find_subjects(path: str | Path) -> list[tuple[str, object]]:
 
 @torch.no_grad()
 def run_subject(cfg: FinetuneConfig, model: FinetuneModel, image: np.ndarray) -> dict[str, torch.Tensor]:
-    """The model on one stored-format image (P, T, S, S): the heads' outputs at the encoder's frames, or for
-    segmentation label maps (P, T, S, S) over every stored frame (T / frames shifted passes; a frame no pass
-    covers takes its nearest covered frame)."""
-    from pretrain.transforms import select_frames
-
-    x = torch.from_numpy(np.asarray(image, np.float32))
-    T, F = x.shape[1], model.vit.frames
-    if cfg.task.name != "segmentation":
-        return model({"image": x[None, :, select_frames(T, F)]})
-    labels, covered = torch.zeros((x.shape[0], T) + x.shape[2:], dtype=torch.uint8), np.zeros(T, bool)
-    for offset in range(max(1, T // F)):
-        frames = select_frames(T, F, offset)
-        labels[:, frames] = model({"image": x[None, :, frames]})["seg"][0].argmax(2).byte()
-        covered[frames] = True
-    idx = np.flatnonzero(covered)
-    nearest = idx[np.abs(np.arange(T)[:, None] - idx[None]).argmin(1)]
-    return {"seg": labels[:, nearest]}
+    """The model on one stored-format image (P, T, S, S) (`Task.run_subject`: the heads' outputs at the encoder's
+    frames, or for segmentation label maps over every stored frame)."""
+    return get_task(cfg.task.name).run_subject(model, torch.from_numpy(np.asarray(image, np.float32)))
 
 
 def outputs(cfg: FinetuneConfig, result: dict, res: dict[str, torch.Tensor]) -> dict:
-    """`run_subject`'s raw outputs as a user reads them: phenotypes {name: value in original units}, diseases
-    {name: {"probability", "threshold" (the run's, chosen on validation), "predicted"}}, segmentation
-    {"labels": (P, T, S, S) uint8}."""
-    if cfg.task.name == "phenotypes":
-        st = _stats(cfg, result)
-        values = res["targets"][0].double().numpy() * st["std"] + st["mean"]
-        return {t: float(v) for t, v in zip(cfg.task.targets, values)}
-    if cfg.task.name == "diseases":
-        thresholds = result.get("thresholds") or {}
-        prob = torch.sigmoid(res["logits"][0].float()).numpy()
-        return {d: {"probability": float(p), "threshold": float(thresholds.get(d, 0.5)),
-                    "predicted": int(p >= thresholds.get(d, 0.5))} for d, p in zip(cfg.task.diseases, prob)}
-    return {"labels": res["seg"].numpy()}
+    """`run_subject`'s raw outputs as a user reads them (`Task.outputs`): phenotypes {name: value in original
+    units}, diseases {name: {"probability", "threshold" (the run's, chosen on validation), "predicted"}},
+    segmentation {"labels": (P, T, S, S) uint8}."""
+    task = get_task(cfg.task.name)
+    return task.outputs(cfg, result, res, task.predict_stats(cfg, result))
 
 
 def seg_to_input(labels: np.ndarray, stored_affine: np.ndarray, input_affine: np.ndarray,
@@ -153,7 +118,7 @@ def seg_to_input(labels: np.ndarray, stored_affine: np.ndarray, input_affine: np
     return out.reshape(X, Y, T)
 
 
-def _write_input_segmentation(out_dir: Path, key: str, study, meta: dict, labels: np.ndarray) -> list[Path]:
+def write_input_segmentation(out_dir: Path, key: str, study, meta: dict, labels: np.ndarray) -> list[Path]:
     """The label maps of every plane back on the input's views: one NIfTI per view (the input's shape and
     affine; the short-axis stack holds the kept slices, the others stay 0)."""
     import nibabel as nib
@@ -199,6 +164,8 @@ def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subject
     from finetune.api import preprocess_study, read_study
 
     settings = conversion_settings(cfg, result)
+    task = get_task(cfg.task.name)
+    stats = task.predict_stats(cfg, result)
     rows, failed = [], 0
     for key, source in tqdm(subjects, desc="predict", unit="subject", disable=not progress):
         row: dict = {"key": key, "error": ""}
@@ -209,15 +176,8 @@ def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subject
             failed += 1
             rows.append({**row, "error": f"{type(e).__name__}: {e}"})
             continue
-        out = outputs(cfg, result, run_subject(cfg, model, image))
-        if cfg.task.name == "phenotypes":
-            row.update({f"{t}_pred": v for t, v in out.items()})
-        elif cfg.task.name == "diseases":
-            row.update({f"{d}_{k}": v for d, o in out.items() for k, v in o.items()})
-        else:
-            paths = _write_input_segmentation(out_dir, key, study, meta, out["labels"])
-            row["files"] = ";".join(str(p.relative_to(out_dir)) for p in paths)
-        rows.append(row)
+        out = task.outputs(cfg, result, run_subject(cfg, model, image), stats)
+        rows.append({**row, **task.raw_row(out_dir, key, study, meta, out)})
     path = out_dir / "predictions.csv"
     _write_csv(path, rows)
     print(f"[finetune] predict: {len(subjects)} subjects, {len(subjects) - failed} predicted, {failed} failed "
@@ -231,7 +191,8 @@ def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dat
     from finetune.data import SubjectDataset
     from finetune.train import bf16_autocast, predict, write_predictions
 
-    stats = _stats(cfg, result)
+    task = get_task(cfg.task.name)
+    stats = task.predict_stats(cfg, result)
     device = next(model.parameters()).device
     use_bf16 = bf16_autocast(cfg, device)
 
@@ -241,7 +202,7 @@ def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dat
     preds, keys_split, first = [], [], None
     for split in splits:
         ds = SubjectDataset(dataset, split, cfg.task.name, model.vit, train=False, seed=cfg.seed,
-                            targets=get_task(cfg.task.name).targets(cfg),
+                            targets=task.targets(cfg),
                             diseases=cfg.task.diseases)
         if not len(ds):
             continue
@@ -251,9 +212,10 @@ def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dat
         keys_split += [split] * len(ds)
     if first is None:
         raise ValueError(f"{dataset}: no subjects in the split(s) {list(splits)}")
-    fields = {"phenotypes": ("pred", "true"), "diseases": ("score", "label"), "segmentation": ("pred",)}
+    n = [len(p["key"]) for p in preds]  # the per-subject arrays of every split, joined
     pred = {"key": [k for p in preds for k in p["key"]],
-            **{f: np.concatenate([p[f] for p in preds]) for f in fields[cfg.task.name]}}
+            **{f: np.concatenate([p[f] for p in preds]) for f, v in preds[0].items()
+               if f != "key" and isinstance(v, np.ndarray) and all(len(p[f]) == m for p, m in zip(preds, n))}}
     path = write_predictions(cfg, out_dir, first, pred, result.get("thresholds"), extra={"split": keys_split})
     print(f"[finetune] predict: {len(pred['key'])} subjects of {dataset} ({', '.join(splits)}); {path}")
     return path

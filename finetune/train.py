@@ -124,7 +124,10 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
                          f"test (convert with job.val_fraction and job.test_fraction > 0)")
     task = get_task(cfg.task.name)
     if cfg.baseline == "mean_guess":
-        result = {"task": task.name, "method": "mean_guess", "test": task.mean_guess(cfg, data)}
+        guess = task.mean_guess(cfg, data)
+        if guess is None:
+            raise ValueError(f"baseline mean_guess has no meaning for task {task.name!r}")
+        result = {"task": task.name, "method": "mean_guess", "test": guess}
         atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1, default=float))
         return result
     model, enc_meta = build_model(cfg, task.n_outputs(cfg))

@@ -25,6 +25,12 @@ class Task:
     dataset: str = "ukb"  # the converted dataset kind it reads ("ukb": cine subjects, "kspace": sequences)
     dense: bool = False  # a per-pixel decoder on the tokens (no pooled features, no feature norm, seg labels loaded)
     primary: tuple[str, float] = ("", 1.0)  # the validation metric (name, sign): `score`'s primary x sign
+    # `finetune compare`: the test scores per output (a key of `score`) when the task has several independent
+    # outputs (targets, diseases): the ResNet-50 baseline then trains once per output, as in ViTa; None: one model
+    per_output: Optional[str] = None
+    label_efficiency: bool = False  # `finetune compare --fractions`: test at nested fractions of the labels
+    has_mean_guess: bool = False  # the mean-guess baseline means something (`mean_guess`)
+    needs_vit: bool = False  # the heads read the ViT's tokens (no ResNet-50 baseline)
 
     # --- the model ---
     def n_outputs(self, cfg) -> int:
@@ -78,8 +84,16 @@ class Task:
         """Named validation figures for TensorBoard (`val/<name>`), finite ones only."""
         return finite({k: v for k, v in val.items() if k != "primary"})
 
-    def mean_guess(self, cfg, data: dict) -> dict:
-        raise ValueError(f"mean_guess has no meaning for task {self.name!r}")
+    def mean_guess(self, cfg, data: dict) -> Optional[dict]:
+        """The test scores without a model (training mean / prevalence); None where that has no meaning."""
+        return None
+
+    def single_output(self, cfg, name: str):
+        """The task config restricted to one of its outputs (`per_output` tasks)."""
+        raise NotImplementedError
+
+    def output_names(self, cfg) -> list[str]:
+        return []
 
     def decide(self, cfg, val_pred: dict) -> Optional[dict]:
         """Decisions made on the validation predictions of the best model and applied to the test (None)."""
@@ -105,6 +119,33 @@ class Task:
     def tsne(self, cfg, pred: dict) -> Optional[tuple[np.ndarray, str]]:
         """(values to colour the test embedding by, their name), or None for no t-SNE figure."""
         return None
+
+    def comparison_table(self, cfg, results: dict[str, dict]) -> str:
+        """`finetune compare`: one Markdown table of every method's test scores."""
+        raise NotImplementedError
+
+    # --- a finished run as a predictor (`finetune predict`, `finetune.api.Finetuned`) ---
+    def restore(self, cfg, result: dict) -> dict:
+        """What an older run's metrics.json lacks and prediction needs, computed once at load ({})."""
+        return {}
+
+    def predict_stats(self, cfg, result: dict) -> dict:
+        """The training statistics `collect` / `outputs` need, from a finished run's metrics.json ({})."""
+        return {}
+
+    def run_subject(self, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+        """The model on one stored-format image (P, T, S, S) at the encoder's evenly spaced frames."""
+        from pretrain.transforms import select_frames
+
+        return model({"image": x[None, :, select_frames(x.shape[1], model.vit.frames)]})
+
+    def outputs(self, cfg, result: dict, res: dict[str, Tensor], stats: dict) -> dict:
+        """`run_subject`'s raw outputs as a user reads them."""
+        raise NotImplementedError
+
+    def raw_row(self, out_dir, key: str, study, meta: dict, out: dict) -> dict:
+        """A raw subject's columns of predictions.csv (after its key and error)."""
+        raise NotImplementedError
 
 
 def finite(values: dict) -> dict[str, float]:

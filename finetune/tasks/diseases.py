@@ -5,6 +5,7 @@ report sets beside it what the cardiac phenotypes alone predict (`phenotype_refe
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -48,6 +49,13 @@ def phenotype_reference(cfg, data: dict, c: float = 1.0) -> dict:
 
 class Diseases(Task):
     name, dataset, primary = "diseases", "ukb", ("ap_mean", 1.0)
+    per_output, has_mean_guess = "per_disease", True
+
+    def output_names(self, cfg):
+        return list(cfg.task.diseases)
+
+    def single_output(self, cfg, name):
+        return replace(cfg.task, diseases=[name])
 
     def n_outputs(self, cfg):
         return len(cfg.task.diseases)
@@ -125,6 +133,18 @@ class Diseases(Task):
 
     def tsne(self, cfg, pred):
         return pred["label"][:, 0].astype(float), cfg.task.diseases[0]
+
+    def comparison_table(self, cfg, results):
+        return report.disease_table({m: r["per_disease"] for m, r in results.items()})
+
+    def outputs(self, cfg, result, res, stats):
+        thresholds = result.get("thresholds") or {}
+        prob = torch.sigmoid(res["logits"][0].float()).numpy()
+        return {d: {"probability": float(p), "threshold": float(thresholds.get(d, 0.5)),
+                    "predicted": int(p >= thresholds.get(d, 0.5))} for d, p in zip(cfg.task.diseases, prob)}
+
+    def raw_row(self, out_dir, key, study, meta, out):
+        return {f"{d}_{k}": v for d, o in out.items() for k, v in o.items()}
 
 
 register_task(Diseases())

@@ -64,5 +64,10 @@ class ModalityView(Task):
             ["method", "modality_accuracy", "modality_balanced_accuracy", "view_accuracy",
              "view_balanced_accuracy"]))], []
 
+    def comparison_table(self, cfg, results):
+        cols = ["modality_accuracy", "modality_balanced_accuracy", "view_accuracy", "view_balanced_accuracy"]
+        return report.markdown_table([{"method": m, **{c: r[c] for c in cols}} for m, r in results.items()],
+                                     ["method", *cols])
+
 
 register_task(ModalityView())

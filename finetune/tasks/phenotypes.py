@@ -4,6 +4,8 @@ alike."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,13 @@ def target_stats(ds) -> tuple[np.ndarray, np.ndarray]:
 
 class Phenotypes(Task):
     name, dataset, primary = "phenotypes", "ukb", ("mae_over_sd_mean", -1.0)
+    per_output, label_efficiency, has_mean_guess = "per_target", True, True
+
+    def output_names(self, cfg):
+        return list(cfg.task.targets)
+
+    def single_output(self, cfg, name):
+        return replace(cfg.task, targets=[name])
 
     def n_outputs(self, cfg):
         return len(cfg.task.targets)
@@ -83,6 +92,28 @@ class Phenotypes(Task):
 
     def tsne(self, cfg, pred):
         return pred["true"][:, 0], cfg.task.targets[0]
+
+    def comparison_table(self, cfg, results):
+        return report.phenotype_table({m: r["per_target"] for m, r in results.items()}, cfg.task.targets)
+
+    def restore(self, cfg, result):
+        if "target_stats" in result:
+            return {}
+        from finetune.data import SubjectDataset  # a run from before fit saved them
+
+        mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", self.name, cfg.model, train=False,
+                                                seed=cfg.seed, targets=cfg.task.targets))
+        return {"target_stats": {"mean": mean.tolist(), "std": std.tolist()}}
+
+    def predict_stats(self, cfg, result):
+        return {k: np.asarray(v, np.float64) for k, v in result["target_stats"].items()}
+
+    def outputs(self, cfg, result, res, stats):
+        values = res["targets"][0].double().numpy() * stats["std"] + stats["mean"]
+        return {t: float(v) for t, v in zip(cfg.task.targets, values)}
+
+    def raw_row(self, out_dir, key, study, meta, out):
+        return {f"{t}_pred": v for t, v in out.items()}
 
 
 register_task(Phenotypes())

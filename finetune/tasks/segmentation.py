@@ -63,7 +63,7 @@ def seg_class_weights(ds, max_subjects: int = 200) -> np.ndarray:
 
 
 class Segmentation(Task):
-    name, dataset, dense, primary = "segmentation", "ukb", True, ("volume_dice_mean", 1.0)
+    name, dataset, dense, needs_vit, primary = "segmentation", "ukb", True, True, ("volume_dice_mean", 1.0)
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
         from finetune.models import UNETRDecoder
@@ -164,6 +164,33 @@ class Segmentation(Task):
         sections.append(("Test segmentation per 2D frame (secondary)",
                          report.segmentation_table({result["method"]: test["per_structure"]})))
         return sections, figs
+
+    def comparison_table(self, cfg, results):
+        return report.segmentation_table({m: r["per_structure"] for m, r in results.items()})
+
+    def run_subject(self, model, x):
+        """Label maps (P, T, S, S) over every stored frame: T / frames shifted passes; a frame no pass covers
+        takes its nearest covered frame."""
+        from pretrain.transforms import select_frames
+
+        T, F = x.shape[1], model.vit.frames
+        labels, covered = torch.zeros((x.shape[0], T) + x.shape[2:], dtype=torch.uint8), np.zeros(T, bool)
+        for offset in range(max(1, T // F)):
+            frames = select_frames(T, F, offset)
+            labels[:, frames] = model({"image": x[None, :, frames]})["seg"][0].argmax(2).byte()
+            covered[frames] = True
+        idx = np.flatnonzero(covered)
+        nearest = idx[np.abs(np.arange(T)[:, None] - idx[None]).argmin(1)]
+        return {"seg": labels[:, nearest]}
+
+    def outputs(self, cfg, result, res, stats):
+        return {"labels": res["seg"].numpy()}
+
+    def raw_row(self, out_dir, key, study, meta, out):
+        from finetune.predict import write_input_segmentation
+
+        paths = write_input_segmentation(out_dir, key, study, meta, out["labels"])
+        return {"files": ";".join(str(p.relative_to(out_dir)) for p in paths)}
 
 
 def write_seg_nifti(out_dir: Path, ds, pred: dict, i: int) -> list[Path]:
