@@ -158,7 +158,7 @@ class StoreReader:
         self._meta: dict[int, dict[int, dict]] = {}
 
     def keys(self, split: str | None = None) -> list[str]:
-        return [k for k in self.rows if split is None or self.split[k] == split]
+        return self.manifest.keys(split)
 
     def meta(self, key: str) -> dict:
         row = self.rows[key]

@@ -187,9 +187,10 @@ class Encoder:
         out = []
         for i in range(0, len(seqs), batch_size):
             # as `finetune embed`: the sequence's images at their stored size, the evaluation choice of images
-            pairs = [sequence_images(s, KSpaceSampling(image_size=s.shape[-1])) for s in seqs[i:i + batch_size]]
-            out += [pool_sequences(self.module, img[None].to(self.device), valid[None].to(self.device)).float().cpu()
-                    for img, valid in pairs]
+            imgs, valids = zip(*(sequence_images(s, KSpaceSampling(image_size=s.shape[-1]))
+                                 for s in seqs[i:i + batch_size]))
+            out.append(pool_sequences(self.module, torch.stack(imgs).to(self.device),
+                                      torch.stack(valids).to(self.device)).float().cpu())
         z = torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
         return z[0] if single else z
 

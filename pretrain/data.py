@@ -89,7 +89,7 @@ Public API
     slot_stream, ShuffleBuffer, collate. The per-sample transforms (`SampleTransform`, `KSpaceTransform` to pass
     as `transform=`, frame selection, augmentation) are in `pretrain/transforms.py`.
 
-Imports from data_prep only `core.format` (no ray): this module runs on the GPU machines.
+Imports nothing of data_prep and no ray (`core` and `pretrain` only): this module runs on the GPU machines.
 """
 
 from __future__ import annotations
