@@ -41,7 +41,8 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
     stage = get_stage(cfg.stage)
     if dataset is not None or cfg.stage != "tabular_clip":
         return stage.build_model(cfg, Manifest.load(dataset or cfg.data.dataset))
-    from data_prep.ukb.tabular import feature_schema, load_feature_spec
+    from data_prep.ukb.feature_spec import load_feature_spec
+    from data_prep.ukb.features import feature_schema
 
     schema = feature_schema(load_feature_spec(ROOT / "configs/data_prep/ukb_features.yaml"))
     return stage.build_model(cfg, Manifest.from_dict(ROOT, {"dataset": "ukb",

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import pytest
 
 from core.cli import add_config_arguments, config_from_args
-from core.config import ConfigError, config_to_dict, dump_config, load_config, save_resolved_config
+from core.config import ConfigError, config_from_dict, config_to_dict, dump_config, load_config, save_resolved_config
 
 
 class Precision(enum.Enum):
@@ -241,3 +241,25 @@ def test_flat_config_for_tensorboard_hparams(tmp_path):
     w.add_hparams(flat, {"hparam/loss_last": 0.5}, run_name="hparams")  # TensorBoard takes every value
     w.close()
     assert list((tmp_path / "hparams").glob("events.out.tfevents.*"))
+
+
+@dataclass
+class Entry:
+    name: str
+    size: int = 1
+
+
+@dataclass
+class Catalogue:
+    entries: tuple[Entry, ...]
+
+
+def test_in_memory_mapping_and_named_list_entries():
+    assert config_from_dict(Catalogue, {"entries": [{"name": "a"}, {"name": "b", "size": 3}]}).entries[1].size == 3
+    with pytest.raises(ConfigError) as e:  # a long list: the error says which entry, by its name
+        config_from_dict(Catalogue, {"entries": [{"name": "a"}, {"name": "b", "size": "x"}]}, "cat.yaml")
+    assert "entries[1].size: expected int" in str(e.value) and "cat.yaml" in str(e.value)
+    assert "[entries[1] is 'b']" in str(e.value)
+    with pytest.raises(ConfigError, match=r"entries\[0\]\.name") as e:  # no name: the index alone
+        config_from_dict(Catalogue, {"entries": [{"size": 2}]})
+    assert "is '" not in str(e.value)

@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import load_config
-from data_prep.ukb.tabular import feature_schema, load_feature_spec
+from data_prep.ukb.feature_spec import load_feature_spec
+from data_prep.ukb.features import feature_schema
 from pretrain.config import MAEConfig, PretrainConfig, TabularConfig, ViTConfig
 from pretrain.models.clip import ImageTabularCLIP, clip_flops_per_sample
 from pretrain.models.tabular import random_table

@@ -21,7 +21,9 @@ from data_prep.ukb.job import UKBJobConfig, discover, run
 from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess
 from data_prep.ukb.nifti import read_ukb_nifti_dir
 from data_prep.splits import split_of
-from data_prep.ukb.tabular import extract_features, load_feature_spec, read_ukb_csv
+from data_prep.ukb.csv_export import read_ukb_csv
+from data_prep.ukb.feature_spec import load_feature_spec
+from data_prep.ukb.features import extract_features
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -98,7 +98,7 @@ def test_every_component_ships_paper_and_tiny_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_shipped_configs_validate(path):
     if path.name == "ukb_features.yaml":  # the tabular feature spec has its own schema
-        from data_prep.ukb.tabular import load_feature_spec
+        from data_prep.ukb.feature_spec import load_feature_spec
         assert len(load_feature_spec(path).features) == 117
         return
     load_config(_schema(path), path)

@@ -1,4 +1,4 @@
-"""UK Biobank tabular conversion library (data_prep/ukb/tabular.py) on a synthetic export with real-export quirks."""
+"""UK Biobank tabular conversion (data_prep/ukb/: feature_spec, csv_export, features, diseases) on a synthetic export with real-export quirks."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from data_prep.ukb import tabular as TB
+from data_prep.ukb import csv_export as CX
+from data_prep.ukb import diseases as DS
+from data_prep.ukb import feature_spec as FS
+from data_prep.ukb import features as FE
 from data_prep.ukb import fields as U
 from data_prep.synth import tabular as T
 from data_prep.synth.physiology import cohort_eids, sample_subject, subject_rng
 
 SEED = 23
 N = 300
-SPEC_PATH = TB.DEFAULT_SPEC_PATH
+SPEC_PATH = FS.DEFAULT_SPEC_PATH
 # Appendix D features the catalogue cannot supply (none today: all 117 are covered; list any gap here).
 APPENDIX_D_GAPS: tuple[str, ...] = ()
 ICD_DISEASES = ("cad", "infarct", "hypertension", "diabetes", "stroke")
@@ -42,9 +45,9 @@ def cohort(tmp_path_factory):
     T.write_tabular_csv(path, rows, seed=SEED)
     with open(path, newline="", encoding="utf-8") as f:
         table = list(csv.reader(f))
-    spec = TB.load_feature_spec(SPEC_PATH)
-    df, report = TB.read_ukb_csv(path, spec)
-    raw, ext = TB.extract_features_with_report(df, spec)
+    spec = FS.load_feature_spec(SPEC_PATH)
+    df, report = CX.read_ukb_csv(path, spec)
+    raw, ext = FE.extract_features_with_report(df, spec)
     by_eid = {s.eid: s for s in subjects}
     return {"subjects": [by_eid[e] for e in df.index], "path": path, "header": table[0], "data": table[1:],
             "spec": spec, "df": df, "report": report, "raw": raw, "ext": ext, "dir": out}
@@ -81,9 +84,9 @@ def test_spec_yaml_covers_appendix_d(cohort):
     assert spec.names == tuple(n for n in U.APPENDIX_D_FEATURES if n not in APPENDIX_D_GAPS)
     assert Counter(f.kind for f in spec.features) == {"numerical": 67, "binary": 18, "categorical": 32}
     # the committed YAML is the generated default, and the rendering round-trips
-    default = TB.default_feature_spec()
+    default = FS.default_feature_spec()
     assert spec == default
-    assert TB.spec_from_dict(yaml.safe_load(TB.feature_spec_yaml(default))) == default
+    assert FS.spec_from_dict(yaml.safe_load(FS.feature_spec_yaml(default))) == default
     for f in spec.features:
         src = U.APPENDIX_D_FEATURES[f.name]
         assert (f.kind, f.fields, f.instances, f.reduce) == (src.kind, src.fields, src.instances, src.reduce)
@@ -96,7 +99,7 @@ def test_spec_yaml_covers_appendix_d(cohort):
     assert dict(spec.features[spec.index("Time spent watching television (TV)")].special_values) == {-10: 0.5}
     assert spec.features[spec.index("Augmentation index for PWA")].signed
     assert tuple(d.name for d in spec.diseases) == U.DISEASE_LABELS
-    schema = TB.feature_schema(spec)
+    schema = FE.feature_schema(spec)
     assert [s["index"] for s in schema] == list(range(117))
     assert [s["num_categories"] for s in schema] == [f.num_categories for f in spec.features]
     assert all(s["num_categories"] == 0 for s in schema if s["kind"] == "numerical")
@@ -116,7 +119,7 @@ def _feat(d, name):
 
 
 @pytest.mark.parametrize("feature, mutate, words", [
-    ("Pulse rate (mean)", lambda f, d: f.update(kind="ordinal"), "unknown kind"),
+    ("Pulse rate (mean)", lambda f, d: f.update(kind="ordinal"), "'ordinal' is not one of the allowed values"),
     ("Weight", lambda f, d: f.update(fields=[]), "'fields' is empty"),
     ("Usual walking pace", lambda f, d: f.pop("codes"), "needs 'codes'"),
     ("Body fat percentage", lambda f, d: f.update(name="Pulse rate (mean)"), "duplicate name"),
@@ -124,12 +127,12 @@ def _feat(d, name):
     ("Heart attack diagnosed by doctor", lambda f, d: f.update(match=[]), "needs 'match'"),
     ("Usual walking pace", lambda f, d: f.update(codes=[1, 2, 3, -3]), "missing_codes"),
     ("Sex", lambda f, d: f.update(codes=[0, 1, 2]), "exactly 2 codes"),
-    ("Weight", lambda f, d: f.update(reduce="median"), "unknown reduce"),
+    ("Weight", lambda f, d: f.update(reduce="median"), "'median' is not one of the allowed values"),
 ])
 def test_bad_spec_names_file_and_feature(tmp_path, feature, mutate, words):
     path = _write_spec(tmp_path, lambda d: mutate(_feat(d, feature), d))
-    with pytest.raises(TB.FeatureSpecError) as e:
-        TB.load_feature_spec(path)
+    with pytest.raises(FS.FeatureSpecError) as e:
+        FS.load_feature_spec(path)
     msg = str(e.value)
     named = feature if words != "duplicate name" else "Pulse rate (mean)"
     assert str(path) in msg and repr(named) in msg and words in msg, msg
@@ -138,13 +141,13 @@ def test_bad_spec_names_file_and_feature(tmp_path, feature, mutate, words):
 def test_bad_spec_file_level_errors(tmp_path):
     p = tmp_path / "dup_key.yaml"
     p.write_text("version: 1\nfeatures: []\nfeatures: []\n")
-    with pytest.raises(TB.FeatureSpecError, match="duplicate key"):
-        TB.load_feature_spec(p)
-    with pytest.raises(TB.FeatureSpecError, match="cannot read"):
-        TB.load_feature_spec(tmp_path / "nope.yaml")
+    with pytest.raises(FS.FeatureSpecError, match="duplicate key"):
+        FS.load_feature_spec(p)
+    with pytest.raises(FS.FeatureSpecError, match="cannot read"):
+        FS.load_feature_spec(tmp_path / "nope.yaml")
     p = _write_spec(tmp_path, lambda d: d["diseases"][0].update(icd10="stroke"))
-    with pytest.raises(TB.FeatureSpecError, match=r"disease #0 'cad'"):
-        TB.load_feature_spec(p)
+    with pytest.raises(FS.FeatureSpecError, match=r"disease 'cad'.*diseases\[0\] is 'cad'"):
+        FS.load_feature_spec(p)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ def test_read_csv_quirks_reported(cohort):
 
 
 def test_read_csv_conflict_missing_mode(cohort):
-    df, rep = TB.read_ukb_csv(cohort["path"], cohort["spec"], conflict="missing", chunksize=70)  # several chunks
+    df, rep = CX.read_ukb_csv(cohort["path"], cohort["spec"], conflict="missing", chunksize=70)  # several chunks
     (col, k), = rep.conflicting_cells.items()
     assert df[col].isna().sum() - cohort["df"][col].isna().sum() <= k
     other = [c for c in df.columns if c != col]
@@ -197,7 +200,7 @@ def test_read_csv_bad_rows_and_cells(tmp_path):
         "abc,1,22.0,,,5,x,22.0\n"
         "-5,1,22.0,,,5,x,22.0\n"
         "1000004,0,inf,K219,,5,x,23\n")
-    df, rep = TB.read_ukb_csv(path)
+    df, rep = CX.read_ukb_csv(path)
     assert list(df.index) == [1000002, 1000003, 1000004]  # sorted; duplicates, junk and withdrawn eids dropped
     assert rep.duplicate_eids == [1000001] and rep.bad_eid_lines == [6] and rep.withdrawn_eids == [-5]
     assert len(rep.errors()) == 2 and "1000001" in rep.errors()[0]
@@ -208,19 +211,19 @@ def test_read_csv_bad_rows_and_cells(tmp_path):
     assert df.loc[1000003, "21001-2.0"] == 27.5 and np.isnan(df.loc[1000002, "21001-2.0"])
     assert np.isnan(df.loc[1000004, "21001-2.0"])
     assert df.loc[1000002, "41270-0.1"] == "I219" and pd.isna(df.loc[1000003, "41270-0.1"])
-    labels, names = TB.disease_table(df)
+    labels, names = DS.disease_table(df)
     assert labels[:, names.index("hypertension")].tolist() == [0, 1, 0]
     assert labels[:, names.index("infarct")].tolist() == [1, 0, 0]
     assert labels[:, names.index("high_blood_pressure")].tolist() == [-1, 1, -1]  # no 6150 answers at all
     with pytest.raises(ValueError, match="no 'eid'"):
         (tmp_path / "noeid.csv").write_text("31-0.0\n1\n")
-        TB.read_ukb_csv(tmp_path / "noeid.csv")
+        CX.read_ukb_csv(tmp_path / "noeid.csv")
 
 
 # --------------------------------------------------------------------------------------------------------
 # raw features
 # --------------------------------------------------------------------------------------------------------
-def _expected(cell: str, f: TB.FeatureSpec) -> float:
+def _expected(cell: str, f: FS.FeatureSpec) -> float:
     if cell == "":
         return np.nan
     x = float(cell)
@@ -297,9 +300,9 @@ def test_categorical_indices_contiguous(cohort):
 
 
 def test_deterministic(cohort):
-    df, rep = TB.read_ukb_csv(cohort["path"], cohort["spec"], chunksize=128)
+    df, rep = CX.read_ukb_csv(cohort["path"], cohort["spec"], chunksize=128)
     pd.testing.assert_frame_equal(df, cohort["df"])
-    raw = TB.extract_features(df, cohort["spec"])
+    raw = FE.extract_features(df, cohort["spec"])
     assert np.array_equal(raw, cohort["raw"], equal_nan=True)
 
 
@@ -314,8 +317,8 @@ def test_zscore_and_imputation_use_train_rows_only(cohort):
     spec, raw, df = cohort["spec"], cohort["raw"], cohort["df"]
     train = _train_mask(df)
     assert 0.5 * N < train.sum() < 0.8 * N
-    stats = TB.fit_stats(raw, spec, train, df.index)
-    values, missing = TB.encode(raw, spec, stats)
+    stats = FE.fit_stats(raw, spec, train, df.index)
+    values, missing = FE.encode(raw, spec, stats)
     assert values.dtype == np.float32 and missing.dtype == bool and values.shape == raw.shape
     assert np.array_equal(missing, np.isnan(raw)) and np.isfinite(values).all()
     off_subset = 0
@@ -344,47 +347,47 @@ def test_zscore_and_imputation_use_train_rows_only(cohort):
 def test_stats_json_roundtrip_and_version(cohort, tmp_path):
     spec, raw, df = cohort["spec"], cohort["raw"], cohort["df"]
     train = _train_mask(df)
-    stats = TB.fit_stats(raw, spec, train, df.index)
+    stats = FE.fit_stats(raw, spec, train, df.index)
     p = tmp_path / "stats.json"
     p.write_text(stats.to_json())
-    back = TB.TabularStats.from_json(p.read_text())
+    back = FE.TabularStats.from_json(p.read_text())
     assert back == stats and back.to_dict() == stats.to_dict()
-    v1, m1 = TB.encode(raw, spec, stats)
-    v2, m2 = TB.encode(raw, spec, back)
+    v1, m1 = FE.encode(raw, spec, stats)
+    v2, m2 = FE.encode(raw, spec, back)
     assert np.array_equal(v1, v2) and np.array_equal(m1, m2)
     # deterministic, independent of row order; changes with the training eids and with the spec
     perm = np.random.default_rng(0).permutation(N)
-    assert TB.fit_stats(raw[perm], spec, train[perm], df.index[perm]).version == stats.version
+    assert FE.fit_stats(raw[perm], spec, train[perm], df.index[perm]).version == stats.version
     fewer = train.copy()
     fewer[np.flatnonzero(train)[0]] = False
-    assert TB.fit_stats(raw, spec, fewer, df.index).version != stats.version
-    swapped = TB.fit_stats(raw, spec, train, np.asarray(df.index) + 1)
+    assert FE.fit_stats(raw, spec, fewer, df.index).version != stats.version
+    swapped = FE.fit_stats(raw, spec, train, np.asarray(df.index) + 1)
     assert swapped.version != stats.version and swapped.mean == stats.mean
-    small = TB.TabularSpec(features=spec.features[:-1], missing_codes=spec.missing_codes, diseases=spec.diseases)
-    other = TB.fit_stats(raw[:, :-1], small, train, df.index)
+    small = FS.TabularSpec(features=spec.features[:-1], missing_codes=spec.missing_codes, diseases=spec.diseases)
+    other = FE.fit_stats(raw[:, :-1], small, train, df.index)
     assert other.version != stats.version
     with pytest.raises(ValueError, match="another feature spec"):
-        TB.encode(raw[:, :-1], small, stats)
+        FE.encode(raw[:, :-1], small, stats)
     with pytest.raises(ValueError):
-        TB.TabularStats.from_dict({"format": "something else"})
+        FE.TabularStats.from_dict({"format": "something else"})
 
 
 def test_degenerate_features():
-    spec = TB.spec_from_dict({"features": [
+    spec = FS.spec_from_dict({"features": [
         {"name": "const", "kind": "numerical", "fields": [1]},
         {"name": "empty", "kind": "numerical", "fields": [2]},
         {"name": "cat", "kind": "categorical", "fields": [3], "codes": [5, 6, 7]},
         {"name": "nocat", "kind": "binary", "fields": [4]},
     ]})
     raw = np.array([[3.0, np.nan, 2.0, np.nan], [3.0, np.nan, 1.0, np.nan], [5.0, 1.0, np.nan, np.nan]])
-    stats = TB.fit_stats(raw, spec, np.array([True, True, False]), [1, 2, 3])
+    stats = FE.fit_stats(raw, spec, np.array([True, True, False]), [1, 2, 3])
     assert stats.std[0] == 1.0 and stats.mean[0] == 3.0  # degenerate std -> only centred, no blow-up
     assert (stats.mean[1], stats.std[1], stats.n_present[1]) == (0.0, 1.0, 0)
     assert stats.mode[2] == 1 and stats.mode[3] == 0  # tie -> smaller index; no training values -> 0
-    values, missing = TB.encode(raw, spec, stats)
+    values, missing = FE.encode(raw, spec, stats)
     assert values.tolist() == [[0, 0, 2, 0], [0, 0, 1, 0], [2, 1, 1, 0]]
     with pytest.raises(ValueError, match="outside"):
-        TB.encode(np.array([[1.0, 1.0, 3.0, 0.0]]), spec, stats)
+        FE.encode(np.array([[1.0, 1.0, 3.0, 0.0]]), spec, stats)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -392,7 +395,7 @@ def test_degenerate_features():
 # --------------------------------------------------------------------------------------------------------
 def test_disease_labels_match_latent_flags(cohort):
     df, subjects = cohort["df"], cohort["subjects"]
-    labels, names = TB.disease_table(df, cohort["spec"])
+    labels, names = DS.disease_table(df, cohort["spec"])
     assert names == U.DISEASE_LABELS and labels.dtype == np.int8 and labels.shape == (N, 6)
     icd = cells(cohort, U.ICD10_FIELD, (0,))
     unknown = labels[:, names.index("cad")] == -1

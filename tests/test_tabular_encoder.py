@@ -19,7 +19,7 @@ CAT = [j for j, (_, k, _) in enumerate(KINDS) if k != "numerical"]
 
 
 def schema() -> list[dict]:
-    # the keys of data_prep.ukb.tabular.feature_schema
+    # the keys of data_prep.ukb.features.feature_schema
     return [{"index": j, "name": n, "kind": k, "fields": [1000 + j], "instances": [2], "reduce": "value",
              "num_categories": c, "codes": list(range(c)), "match": [], "unit": ""}
             for j, (n, k, c) in enumerate(KINDS)]
@@ -210,7 +210,7 @@ def test_runs_on_normalise_tabular_output():
     raw = np.stack([rng.normal(60, 8, 5), rng.integers(0, 2, 5), rng.normal(170, 10, 5), rng.integers(0, 3, 5),
                     rng.normal(75, 12, 5), rng.integers(0, 2, 5), rng.integers(0, 6, 5)], axis=1)
     raw[0, 0] = raw[1, 3] = raw[2, 5] = raw[4, 2] = np.nan
-    # shaped like data_prep.ukb.tabular.TabularStats.to_dict()
+    # shaped like data_prep.ukb.features.TabularStats.to_dict()
     feats = []
     for j, (n, k, c) in enumerate(KINDS):
         d = {"name": n, "kind": k, "n_present": 100}

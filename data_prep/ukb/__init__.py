@@ -6,6 +6,9 @@
 - `preprocess`  a study -> the stored sample (planes, frames, crop, labels in one space, phenotypes)
 - `phenotypes`  cardiac volumes, mass and function measured from segmentations
 - `fields`      the UK Biobank field catalogue (ids, instances, codings, special codes)
-- `tabular`     the feature spec, the CSV reader, feature extraction and statistics, disease labels
+- `feature_spec`  the tabular feature spec (configs/data_prep/ukb_features.yaml, read by the config system)
+- `csv_export`  the tabular CSV export reader (real-export quirks counted in a report)
+- `features`    Stage II feature extraction, training-split statistics, encoding, the feature schema
+- `diseases`    the disease labels (ICD-10 + self-report)
 - `job`         the Ray conversion job (`python -m data_prep ukb`)
 """

@@ -116,8 +116,10 @@ def run(cfg: UKBJobConfig, progress: bool = True):
     """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
     from core.config import save_resolved_config
     from data_prep.engine import run_job
-    from data_prep.ukb.tabular import (disease_table, extract_features, feature_schema, fit_stats,
-                                   load_feature_spec, read_ukb_csv)
+    from data_prep.ukb.csv_export import read_ukb_csv
+    from data_prep.ukb.diseases import disease_table
+    from data_prep.ukb.feature_spec import load_feature_spec
+    from data_prep.ukb.features import extract_features, feature_schema, fit_stats
 
     items, skipped, ignored = discover(cfg.src, cfg.layout)
     spec = load_feature_spec(cfg.features)

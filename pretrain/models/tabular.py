@@ -5,7 +5,7 @@ Input: the output of `core.format.normalise_tabular` for a batch,
                             category indices 0..K-1 stored as floats (missing -> the training mode)
     missing  (B, F) bool    True where the raw feature was missing (NaN)
 and the feature schema the UK Biobank conversion writes to `manifest["tabular"]["features"]`
-(`data_prep.ukb.tabular.feature_schema`): dicts with at least index, name, kind ("numerical" | "binary" |
+(`data_prep.ukb.features.feature_schema`): dicts with at least index, name, kind ("numerical" | "binary" |
 "categorical") and num_categories (0 numerical, 2 binary, K categorical); `index` is the position in the vector.
 
 Tokens: one per feature, in vector order (token j is feature j), each
