@@ -30,8 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.config import load_config
-from pretrain.config import ViTConfig
+from core.config import InputError, config_to_dict, load_config
+from core.manifest import read_training_data
+from finetune.models import pooled_features
+from pretrain.config import KSpaceSampling, PretrainConfig, ViTConfig
+from pretrain.export import load_encoder, write_export
+from pretrain.models.metaclip import pool_sequences
+from pretrain.transforms import select_frames, sequence_images
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
 
@@ -44,8 +49,7 @@ def is_nifti_subject(path: Path) -> bool:
 def read_study(source: Source):
     """A UK Biobank cine study from a ukbb_cardiac NIfTI folder (sa.nii.gz, la_2ch.nii.gz, ...), a folder holding
     one subject's 20209 (short axis) and 20208 (long axis) zips of instance 2, or the pair (sa_zip, la_zip)."""
-    from core.config import InputError
-    from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
+    from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir  # lazy: data_prep (not on GPU machines)
 
     if isinstance(source, (list, tuple)):
         if len(source) != 2:
@@ -67,8 +71,8 @@ def preprocess_study(source, preprocess: dict) -> tuple[np.ndarray, dict]:
     """(image (P, T, S, S) float16, meta) of one subject — a `Source` or a study `read_study` returned — under the
     conversion settings `preprocess` (a dataset manifest's `config.preprocess`): the functions the conversion job
     runs. `meta` holds the stored geometry (`planes`, `sa_slices`, `plane_affines`, spacing)."""
-    from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess as run
-    from data_prep.ukb.study import CineStudy
+    from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess as run  # lazy: data_prep
+    from data_prep.ukb.study import CineStudy  # lazy: data_prep
 
     cfg = load_config(UKBPreprocessConfig, None, [f"{k}={json.dumps(v)}" for k, v in preprocess.items()])
     study = source if isinstance(source, CineStudy) else read_study(source)
@@ -80,7 +84,7 @@ def preprocess_kspace(path: str | Path, preprocess: dict, relpath: Optional[str]
     """(images (T, Z, S, S) float16, meta) of one k-space `.mat` file under the k-space conversion settings
     `preprocess` (`size`, `keep_aspect`, `readout_oversampling` of a k-space manifest's config): the function the
     conversion job runs. `relpath`: the file's place in the dataset layout when `path` no longer shows it."""
-    from data_prep.kspace.preprocess import preprocess_kspace_file
+    from data_prep.kspace.preprocess import preprocess_kspace_file  # lazy: data_prep
 
     missing = [k for k in ("size", "keep_aspect", "readout_oversampling") if k not in preprocess]
     if missing:
@@ -106,15 +110,10 @@ class Encoder:
         checkpoint). The preprocessing comes from the export (`data:` in encoder_config.yaml, the training
         dataset's conversion settings) or, for an export made before exports recorded it, from the training
         dataset's manifest when it is still there."""
-        from core.manifest import read_training_data
-        from pretrain.export import load_encoder
-
         module, vit, meta = load_encoder(path)
         data = meta.get("data")
         cfg_path = Path(meta.get("run", path)) / "config.yaml"
         if data is None and cfg_path.is_file():  # an export made before exports recorded it: the run's dataset
-            from pretrain.config import PretrainConfig
-
             data = read_training_data(load_config(PretrainConfig, cfg_path).data.dataset)
         device = torch.device(device)
         return cls(module.to(device), vit, meta, data, device)
@@ -123,9 +122,6 @@ class Encoder:
         """Write this encoder as an export folder (weights, `encoder_config.yaml` with its geometry, provenance and
         conversion settings, and a model card `README.md`): a HuggingFace-style model repository that
         `from_pretrained` reads back. Returns the folder."""
-        from core.config import config_to_dict
-        from pretrain.export import write_export
-
         keep = ("stage", "architecture", "checkpoint", "run", "provenance")
         config = {"model": config_to_dict(self.vit), "format": "cmrfm-encoder-v1",
                   **{k: self.meta[k] for k in keep if k in self.meta}, "data": self.data}
@@ -159,9 +155,6 @@ class Encoder:
         of the output tokens over the encoder's frames (evenly spaced over the stored T, as in fine-tuning).
         k-space: one (T, Z, S, S) sequence or a list of them (their T and Z may differ), the mean of the features
         of their evenly spaced single images."""
-        from finetune.models import pooled_features
-        from pretrain.transforms import select_frames
-
         if self.input_kind == "kspace":
             return self._embed_sequences(images, batch_size)
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -176,10 +169,6 @@ class Encoder:
         return z[0] if single else z
 
     def _embed_sequences(self, sequences, batch_size: int) -> np.ndarray:
-        from pretrain.config import KSpaceSampling
-        from pretrain.transforms import sequence_images
-        from pretrain.models.metaclip import pool_sequences
-
         single = isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 4
         seqs = [np.asarray(s) for s in ([sequences] if single else sequences)]
         if any(s.ndim != 4 for s in seqs):
@@ -209,7 +198,7 @@ class Finetuned:
 
     @classmethod
     def from_pretrained(cls, run: str | Path, device: str | torch.device = "cpu") -> "Finetuned":
-        from finetune.predict import load_finetuned
+        from finetune.predict import load_finetuned  # cycle: finetune.predict imports finetune.api
 
         return cls(*load_finetuned(run, device))
 
@@ -219,7 +208,7 @@ class Finetuned:
 
     def preprocess(self, source: Source) -> np.ndarray:
         """One raw subject as the run's training dataset was converted (see `Encoder.preprocess`)."""
-        from finetune.predict import conversion_settings
+        from finetune.predict import conversion_settings  # cycle: finetune.predict imports finetune.api
 
         return preprocess_study(source, conversion_settings(self.cfg, self.result))[0]
 
@@ -227,6 +216,6 @@ class Finetuned:
         """One stored-format image (P, T, S, S) -> phenotypes {name: value in original units}, diseases
         {name: {"probability", "threshold", "predicted"}}, or segmentation {"labels": (P, T, S, S) uint8}: what
         `finetune predict` writes (`predict.outputs`)."""
-        from finetune.predict import outputs, run_subject
+        from finetune.predict import outputs, run_subject  # cycle: finetune.predict imports finetune.api
 
         return outputs(self.cfg, self.result, run_subject(self.cfg, self.model, image))

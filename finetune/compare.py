@@ -17,6 +17,7 @@ from pathlib import Path
 from core.fsutil import atomic_write_text
 from finetune import report
 from finetune.config import FinetuneConfig
+from finetune.probe import mae_ratio
 from finetune.tasks import get_task
 from finetune.train import fit
 
@@ -87,8 +88,6 @@ def compare(cfg: FinetuneConfig, methods: dict[str, str], baselines: list[str],
 
 def label_efficiency_table(eff: dict, names: list[str]) -> str:
     """One row per method, one column per labelled fraction: the average over `names` of MAE / mean-guess MAE."""
-    from finetune.probe import mae_ratio
-
     cols = [f"{f:g}" for f in eff["fractions"]]
     rows = [{"method": m, **{f"{100 * float(c):g} %": mae_ratio(per[c], eff["mean_guess"][c], names)
                              for c in cols if c in per and eff["mean_guess"].get(c)}}

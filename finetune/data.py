@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.config import ConfigError
 from core.format import StoreReader
 from core.manifest import Manifest
 from core.vocab import DISEASES, PHENOTYPES
+from finetune.tasks import get_task
 from pretrain.config import DataConfig, KSpaceSampling, ViTConfig
 from pretrain.data import collate
 from pretrain.transforms import (TAG_FRAMES, KSpaceTransform, Rand, augment_image, augment_params, key_word,
@@ -40,10 +42,6 @@ def preflight(dataset: str | Path, task: str, encoders: Sequence[Optional[str | 
               setting: str = "data.dataset") -> Manifest:
     """Before any model is built: the dataset is a converted one of the kind the task needs, and every encoder
     path (an export or a pretraining run directory) exists; a ConfigError line each. Returns the manifest."""
-    from core.config import ConfigError
-
-    from finetune.tasks import get_task
-
     manifest = Manifest.load(dataset, (get_task(task).dataset,), setting)
     for enc in encoders:
         if enc is not None and not Path(enc).exists():
@@ -74,8 +72,6 @@ class SubjectDataset(Dataset):
                  targets: Sequence[str] = (), diseases: Sequence[str] = DISEASES,
                  kspace: Optional[KSpaceSampling] = None, frame_offset: int = 0, augment: DataConfig = AUGMENT,
                  cache: bool = False, fraction: float = 1.0):
-        from finetune.tasks import get_task
-
         kind = get_task(task)
         self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, kind.name, vit
         # what the task's samples hold: k-space sequences, or cine subjects (+ segmentations for a dense task)

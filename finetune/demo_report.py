@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.fsutil import atomic_write_text
 from finetune import figures, report
+from finetune.probe import bootstrap_ratio_difference, mae_ratio
 
 
 def _rows(path: Path) -> list[dict]:
@@ -97,8 +99,6 @@ def _json(path: Path) -> dict | None:
 
 def summarise(demo: str | Path) -> dict:
     """The headline figures of a demo run under stable keys (what `summary.json` holds), from the stages' outputs."""
-    from finetune.probe import mae_ratio
-
     demo, ft = Path(demo), Path(demo) / "finetune"
     out: dict = {}
     s1 = [r for r in _rows(demo / "stage1" / "metrics.jsonl") if r.get("split") == "val"]
@@ -151,8 +151,6 @@ def summarise(demo: str | Path) -> dict:
 def _probe_evidence(probe: dict, names: list[str]) -> dict:
     """Beside the probe's test ratios: the leave-one-out ratios on the fit split (every training subject) and,
     per pretrained method, the 95 % paired-bootstrap interval of (its test ratio - the random encoder's)."""
-    from finetune.probe import bootstrap_ratio_difference
-
     cols = [probe["targets"].index(n) for n in names]
     loo = {m: _r(_mean(r["loo_mae"][n] / probe["loo_mean_guess_mae"][n] for n in names))
            for m, r in probe["methods"].items()}
@@ -202,9 +200,6 @@ def targets(s: dict) -> list[dict]:
 
 
 def build(demo: str | Path) -> Path:
-    from core.fsutil import atomic_write_text
-    from finetune.probe import mae_ratio
-
     demo = Path(demo)
     ft = demo / "finetune"
     fig_dir = demo / "figures"

@@ -18,13 +18,12 @@ from core.fsutil import atomic_path
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
 from pretrain.config import KSpaceSampling
+from pretrain.export import load_encoder
 
 
 @torch.no_grad()
 def embed(encoder_path: str | Path, dataset: str | Path, out: str | Path, split: str = "all",
           batch_size: int = 8, progress: bool = True) -> Path:
-    from pretrain.export import load_encoder
-
     encoder, vit, meta = load_encoder(encoder_path)
     reader = StoreReader(dataset)
     task = "modality_view" if reader.manifest.dataset == "kspace" else "phenotypes"

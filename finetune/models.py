@@ -108,7 +108,7 @@ class FinetuneModel(nn.Module):
     def __init__(self, task, encoder: nn.Module, vit: ViTConfig, *, n_out: int = 0, hidden: int = 256,
                  seg_width: int = 576, feature_norm: str = "none"):
         super().__init__()
-        from finetune.tasks import get_task
+        from finetune.tasks import get_task  # cycle: finetune.tasks imports finetune.models
 
         self.task = get_task(task) if isinstance(task, str) else task
         self.encoder, self.vit = encoder, vit

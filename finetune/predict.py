@@ -24,9 +24,13 @@ import torch
 
 from core.config import load_config
 from core.fsutil import atomic_path, atomic_write_text
+from core.manifest import read_training_data
+from finetune.api import is_nifti_subject, preprocess_study, read_study
 from finetune.config import FinetuneConfig
+from finetune.data import SubjectDataset
 from finetune.models import FinetuneModel
 from finetune.tasks import get_task
+from finetune.train import bf16_autocast, build_model, predict, write_predictions
 
 SPLITS = ("train", "val", "test")
 
@@ -34,8 +38,6 @@ SPLITS = ("train", "val", "test")
 def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, FinetuneModel, dict]:
     """A `finetune train` run: (its config, the model with its best weights in eval mode, its metrics.json)."""
     from safetensors.torch import load_file
-
-    from finetune.train import build_model
 
     run = Path(run)
     missing = [n for n in ("config.yaml", "best.safetensors", "metrics.json") if not (run / n).is_file()]
@@ -56,8 +58,6 @@ def load_finetuned(run: str | Path, device: str | torch.device = "cpu") -> tuple
 def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
     """The conversion settings of the run's training dataset (saved in its metrics.json, else read from the
     dataset's manifest): raw subjects are preprocessed with exactly these."""
-    from core.manifest import read_training_data
-
     data = result.get("data") or read_training_data(cfg.data.dataset)
     if not data or not data.get("preprocess"):
         raise ValueError(f"{cfg.data.dataset}: the run's training dataset (its conversion settings) is not "
@@ -68,8 +68,6 @@ def conversion_settings(cfg: FinetuneConfig, result: dict) -> dict:
 def find_subjects(path: str | Path) -> list[tuple[str, object]]:
     """(key, source) of every raw subject under `path`: the folder itself when it is a NIfTI subject folder,
     else its NIfTI subject folders and its (20209, 20208) zip pairs of instance 2, by eid."""
-    from finetune.api import is_nifti_subject
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
@@ -161,8 +159,6 @@ def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subject
     its error and the others go on (the counts in the last line reconcile)."""
     from tqdm import tqdm
 
-    from finetune.api import preprocess_study, read_study
-
     settings = conversion_settings(cfg, result)
     task = get_task(cfg.task.name)
     stats = task.predict_stats(cfg, result)
@@ -188,9 +184,6 @@ def predict_raw(cfg: FinetuneConfig, model: FinetuneModel, result: dict, subject
 def predict_dataset(cfg: FinetuneConfig, model: FinetuneModel, result: dict, dataset: Path, splits: tuple[str, ...],
                     out_dir: Path) -> Path:
     """A converted dataset's subjects of `splits` through the run's own prediction code and CSV writer."""
-    from finetune.data import SubjectDataset
-    from finetune.train import bf16_autocast, predict, write_predictions
-
     task = get_task(cfg.task.name)
     stats = task.predict_stats(cfg, result)
     device = next(model.parameters()).device

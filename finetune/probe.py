@@ -25,6 +25,7 @@ from finetune import metrics, report
 from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel
+from pretrain.export import load_encoder
 from pretrain.models.vit import ViTEncoder
 
 ALPHAS = np.logspace(-2, 5, 22)  # ridge penalties tried by leave-one-out (features are z-scored)
@@ -39,8 +40,6 @@ def embed_splits(cfg: FinetuneConfig, encoder: Optional[str | Path],
         torch.manual_seed(cfg.seed)
         enc, vit = ViTEncoder(cfg.model), cfg.model
     else:
-        from pretrain.export import load_encoder
-
         enc, vit, _ = load_encoder(encoder)
     model = FinetuneModel("phenotypes", enc, vit, n_out=1).eval()
     out = {}

@@ -43,7 +43,16 @@ from typing import Literal, Optional
 import numpy as np
 
 from core.config import ConfigError, config_to_dict, load_config, save_resolved_config
-from core.fsutil import atomic_write_text
+from core.fsutil import atomic_path, atomic_write_text
+from finetune.data import SubjectDataset
+from finetune.embed import embed
+from finetune.figures import _figure, _save
+from finetune.metrics import mean_guess_metrics, regression_metrics
+from finetune.probe import ridge_probe
+from pretrain.config import PretrainConfig, ViTConfig
+from pretrain.data import samples_per_epoch
+from pretrain.export import export_encoder
+from pretrain.models.vit import MaskedAutoencoder
 
 PROBE_TARGETS = ["LVEDV", "LVESV", "LVSV", "LVM", "RVEDV", "RVESV", "RVSV"]
 
@@ -118,8 +127,6 @@ def run_overrides(cfg: ScalingConfig, n: int, seed: int, run_dir: Path) -> list[
 
 
 def pretrain_config(cfg: ScalingConfig, overrides: list[str]):
-    from pretrain.config import PretrainConfig
-
     pc = load_config(PretrainConfig, cfg.pretrain_config, overrides)
     if pc.stage != "mae":
         raise ConfigError(f"pretrain_config {cfg.pretrain_config}: a Stage I config (stage: mae) is required, "
@@ -160,8 +167,6 @@ def _check_point(run_dir: Path, fingerprint: str) -> dict:
 
 def pretrain_point(cfg: ScalingConfig, n: int, seed: int, run_dir: Path) -> dict:
     """Pretrain (or resume) and export point (n, seed); returns its record (steps, wall time, ...)."""
-    from pretrain.export import export_encoder
-
     overrides = run_overrides(cfg, n, seed, run_dir)
     pc = pretrain_config(cfg, overrides)
     steps = total_steps(pc)
@@ -199,9 +204,6 @@ def random_init_point(cfg: ScalingConfig, seed: int, run_dir: Path) -> dict:
     import yaml
     from safetensors.torch import save_file
 
-    from core.fsutil import atomic_path
-    from pretrain.models.vit import MaskedAutoencoder
-
     overrides = [*cfg.pretrain_overrides, f"train.seed={seed}"]
     pc = pretrain_config(cfg, overrides)
     fingerprint = _fingerprint(cfg, overrides)
@@ -238,8 +240,6 @@ def validation_psnr(run_dir: Path) -> dict:
 # --- the probe ------------------------------------------------------------------------------------------------
 def embeddings(cfg: ScalingConfig, run_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     """(keys, features) of a split under the run's encoder, cached in the run directory."""
-    from finetune.embed import embed
-
     path = run_dir / f"embeddings-{split}.npz"
     if not path.exists():
         embed(run_dir, cfg.dataset, path, split=split, batch_size=cfg.probe.batch_size, progress=False)
@@ -249,9 +249,6 @@ def embeddings(cfg: ScalingConfig, run_dir: Path, split: str) -> tuple[list[str]
 
 def labels(cfg: ScalingConfig, split: str) -> tuple[list[str], np.ndarray]:
     """(keys, targets (N, K) in original units, NaN missing) of a split."""
-    from finetune.data import SubjectDataset
-    from pretrain.config import ViTConfig
-
     ds = SubjectDataset(cfg.dataset, split, "phenotypes", ViTConfig(), train=False, seed=0,
                         targets=cfg.probe.targets)
     return list(ds.keys), ds.targets_table().astype(np.float64)
@@ -259,8 +256,6 @@ def labels(cfg: ScalingConfig, split: str) -> tuple[list[str], np.ndarray]:
 
 def probe_scores(cfg: ScalingConfig, run_dir: Path, table: dict) -> dict:
     """The fixed protocol on one encoder: per-target test MAE, R^2, MAE / mean guess, and their means."""
-    from finetune.metrics import mean_guess_metrics, regression_metrics
-
     names = cfg.probe.targets
     xs = {}
     for split in (cfg.probe.fit_split, cfg.probe.test_split):
@@ -271,8 +266,6 @@ def probe_scores(cfg: ScalingConfig, run_dir: Path, table: dict) -> dict:
             raise RuntimeError(f"{run_dir}: the {split} embeddings do not cover the split's keys")
         xs[split] = (x[[index[k] for k in lkeys]], y)
     (xf, yf), (xt, yt) = xs[cfg.probe.fit_split], xs[cfg.probe.test_split]
-    from finetune.probe import ridge_probe
-
     pred, alphas = ridge_probe(xf, yf, xt, cfg.probe.alphas)
     model = regression_metrics(pred, yt, names, valid=np.isfinite(pred))
     guess = mean_guess_metrics(yf, yt, names)
@@ -328,7 +321,7 @@ def write_table(cfg: ScalingConfig, result: dict, path: Path) -> Path:
     pts = result["points"]
     ref = next((p["val"] for p in pts if p["val"].get("psnr_mean_image") is not None), {})
     first = next(p for p in pts)
-    text = [f"# Scaling study: probe quality against pretraining subjects", "",
+    text = ["# Scaling study: probe quality against pretraining subjects", "",
             f"Dataset `{cfg.dataset}` ({result['train_subjects']} training-split subjects available); Stage I "
             f"`{cfg.pretrain_config}`, every run {rows[-1]['steps']} steps of {first['global_batch']} samples "
             f"(train.samples_per_epoch={cfg.samples_per_epoch} x train.epochs={cfg.epochs}), on the nested subset "
@@ -363,8 +356,6 @@ def _statement(rows: list[dict]) -> str:
 
 
 def plot(cfg: ScalingConfig, result: dict, path: Path) -> Path:
-    from finetune.figures import _figure, _save
-
     rows = result["summary"]
     trained = [r for r in rows if r["subjects"] > 0]
     rand = next((r for r in rows if r["subjects"] == 0), None)
@@ -396,8 +387,6 @@ def plot(cfg: ScalingConfig, result: dict, path: Path) -> Path:
 
 
 def run_study(cfg: ScalingConfig) -> dict:
-    from pretrain.data import samples_per_epoch
-
     out = Path(cfg.out)
     available = samples_per_epoch(cfg.dataset, "train")
     too_many = [n for n in cfg.subjects if n > available]

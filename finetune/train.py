@@ -34,6 +34,7 @@ from finetune.data import SubjectDataset, loader
 from finetune.models import FinetuneModel, ResNetEncoder, param_groups
 from finetune.tasks import get_task
 from pretrain.config import KSpaceSampling
+from pretrain.export import load_encoder
 from pretrain.models.vit import ViTEncoder
 from pretrain.schedule import warmup_cosine
 
@@ -49,8 +50,6 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
     elif cfg.baseline == "vit_scratch" or cfg.encoder is None:
         vit, encoder = cfg.model, ViTEncoder(cfg.model)
     else:
-        from pretrain.export import load_encoder
-
         encoder, vit, meta = load_encoder(cfg.encoder)
         meta = {"encoder": str(cfg.encoder), **meta}
     model = FinetuneModel(cfg.task.name, encoder, vit, n_out=n_out, hidden=hidden, seg_width=cfg.task.seg_decoder_dim,

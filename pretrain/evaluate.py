@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pretrain.data import Shard, _read_shard, collate
 from pretrain.losses import LOCAL, clip_loss, soft_clip_loss
+from pretrain.models.vit import patchify
 
 
 def retrieval_topk(query, gallery, match, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -134,8 +135,6 @@ def mae_metrics(model, shards: Sequence[Shard], transform: Callable, reference: 
     the model's reconstruction (`psnr`), the training mean image `reference` (`psnr_mean_image`) and its mean
     intensity as a constant image (`psnr_constant`). Masks come from a generator seeded by (seed, rank, batch),
     so a checkpoint is scored on the same patches every time."""
-    from pretrain.models.vit import patchify
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     patch = model.vit_cfg.patch
     ref = patchify(reference[None].float(), patch)  # (1, L, D)

@@ -21,7 +21,9 @@ from core.config import config_to_dict, load_config
 from core.fsutil import atomic_path, atomic_write_text
 from core.manifest import read_training_data
 from pretrain import checkpoint
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, ViTConfig
+from pretrain.models.clip import encoder_weights_path
+from pretrain.models.metaclip import build_image_encoder
 from pretrain.stages import get_stage
 
 
@@ -143,10 +145,6 @@ def load_encoder(path: str | Path):
     memory (the same weights `export_encoder` would write). The ViT is a `ViTEncoder`; a MetaCLIP-CMR ResNet-50
     gives MONAI's 2D ResNet-50 (pooled features, no classifier)."""
     from safetensors.torch import load_file
-
-    from pretrain.config import ViTConfig
-    from pretrain.models.clip import encoder_weights_path
-    from pretrain.models.metaclip import build_image_encoder
 
     path = Path(path)
     if path.is_dir() and not (path / "encoder.safetensors").is_file() and (path / "checkpoints").is_dir():

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import save_resolved_config
 from core.format import KSpaceSample
-from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
+from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes, run_job
 from data_prep.kspace.preprocess import MODALITIES, VIEWS, preprocess_kspace_file
 from data_prep.kspace.source import parse_relpath, patient_key, sequence_key, stratum
 
@@ -115,9 +116,6 @@ class KSpaceDataset:
 
 
 def run(cfg: KSpaceJobConfig, progress: bool = True):
-    from core.config import save_resolved_config
-    from data_prep.engine import run_job
-
     items, skipped, ignored = discover(cfg.src, cfg.fully_sampled_only)
     save_resolved_config(cfg, cfg.job.out, "kspace_config.yaml")
 

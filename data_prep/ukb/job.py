@@ -19,10 +19,14 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from core.config import InputError
+from core.config import InputError, save_resolved_config
 from core.format import UKBSample
 from core.vocab import DISEASES, PHENOTYPES
-from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes
+from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes, run_job
+from data_prep.ukb.csv_export import read_ukb_csv
+from data_prep.ukb.diseases import disease_table
+from data_prep.ukb.feature_spec import load_feature_spec
+from data_prep.ukb.features import extract_features, feature_schema, fit_stats
 from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess
 from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
 
@@ -114,13 +118,6 @@ def geometry(p: UKBPreprocessConfig) -> dict:
 
 def run(cfg: UKBJobConfig, progress: bool = True):
     """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
-    from core.config import save_resolved_config
-    from data_prep.engine import run_job
-    from data_prep.ukb.csv_export import read_ukb_csv
-    from data_prep.ukb.diseases import disease_table
-    from data_prep.ukb.feature_spec import load_feature_spec
-    from data_prep.ukb.features import extract_features, feature_schema, fit_stats
-
     items, skipped, ignored = discover(cfg.src, cfg.layout)
     spec = load_feature_spec(cfg.features)
     save_resolved_config(cfg, cfg.job.out, "ukb_config.yaml")

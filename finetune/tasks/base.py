@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from core.registry import Registry
+from finetune.models import pooled_features
+from pretrain.transforms import select_frames
 
 
 class Task:
@@ -47,8 +49,6 @@ class Task:
 
     def features(self, model: nn.Module, batch: dict) -> Tensor:
         """The pooled embedding of each sample (B, dim): what the heads, t-SNE and `finetune embed` see."""
-        from finetune.models import pooled_features
-
         return pooled_features(model.encoder, batch["image"])
 
     def forward(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
@@ -135,8 +135,6 @@ class Task:
 
     def run_subject(self, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
         """The model on one stored-format image (P, T, S, S) at the encoder's evenly spaced frames."""
-        from pretrain.transforms import select_frames
-
         return model({"image": x[None, :, select_frames(x.shape[1], model.vit.frames)]})
 
     def outputs(self, cfg, result: dict, res: dict[str, Tensor], stats: dict) -> dict:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from core.vocab import PHENOTYPES
 from finetune import figures, metrics, report
+from finetune.models import mlp
 from finetune.tasks.base import Task, finite, register_task
 
 
@@ -62,8 +63,6 @@ class Diseases(Task):
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
         from torch import nn
-
-        from finetune.models import mlp
 
         model.heads = nn.ModuleList(mlp(dim, hidden, 1) for _ in range(n_out))
 

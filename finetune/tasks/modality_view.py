@@ -8,20 +8,18 @@ import torch.nn.functional as F
 
 from core.vocab import MODALITIES, VIEWS
 from finetune import metrics, report
+from finetune.models import mlp
 from finetune.tasks.base import Task, register_task
+from pretrain.models.metaclip import pool_sequences
 
 
 class ModalityView(Task):
     name, dataset, primary = "modality_view", "kspace", ("accuracy_mean", 1.0)
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
-        from finetune.models import mlp
-
         model.modality, model.view = mlp(dim, hidden, len(MODALITIES)), mlp(dim, hidden, len(VIEWS))
 
     def features(self, model, batch):
-        from pretrain.models.metaclip import pool_sequences
-
         return pool_sequences(model.encoder, batch["image"], batch["valid"])
 
     def forward(self, model, batch):

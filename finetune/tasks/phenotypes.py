@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune import figures, metrics, report
+from finetune.models import mlp
 from finetune.tasks.base import Task, finite, register_task
 
 
@@ -38,8 +39,6 @@ class Phenotypes(Task):
         return list(cfg.task.targets)
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
-        from finetune.models import mlp
-
         model.head = mlp(dim, hidden, n_out)
 
     def forward(self, model, batch):
@@ -99,7 +98,8 @@ class Phenotypes(Task):
     def restore(self, cfg, result):
         if "target_stats" in result:
             return {}
-        from finetune.data import SubjectDataset  # a run from before fit saved them
+        # a run from before fit saved them
+        from finetune.data import SubjectDataset  # cycle: finetune.data imports finetune.tasks
 
         mean, std = target_stats(SubjectDataset(cfg.data.dataset, "train", self.name, cfg.model, train=False,
                                                 seed=cfg.seed, targets=cfg.task.targets))

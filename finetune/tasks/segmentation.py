@@ -14,7 +14,10 @@ import torch
 from core.fsutil import atomic_path
 from core.vocab import LA_VIEWS, LABELS, SOURCE_LABEL_MAPS
 from finetune import figures, metrics, report
+from finetune.models import UNETRDecoder
 from finetune.tasks.base import Task, finite, register_task
+from pretrain.models.vit import ViTEncoder
+from pretrain.transforms import select_frames
 
 STRUCTURES = {i: name for i, name in enumerate(LABELS) if i > 0}
 
@@ -66,9 +69,6 @@ class Segmentation(Task):
     name, dataset, dense, needs_vit, primary = "segmentation", "ukb", True, True, ("volume_dice_mean", 1.0)
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
-        from finetune.models import UNETRDecoder
-        from pretrain.models.vit import ViTEncoder
-
         if not isinstance(model.encoder, ViTEncoder):
             raise ValueError("segmentation needs the ViT encoder")
         model.decoder = UNETRDecoder(model.vit, len(LABELS), seg_width)
@@ -171,8 +171,6 @@ class Segmentation(Task):
     def run_subject(self, model, x):
         """Label maps (P, T, S, S) over every stored frame: T / frames shifted passes; a frame no pass covers
         takes its nearest covered frame."""
-        from pretrain.transforms import select_frames
-
         T, F = x.shape[1], model.vit.frames
         labels, covered = torch.zeros((x.shape[0], T) + x.shape[2:], dtype=torch.uint8), np.zeros(T, bool)
         for offset in range(max(1, T // F)):
@@ -187,7 +185,7 @@ class Segmentation(Task):
         return {"labels": res["seg"].numpy()}
 
     def raw_row(self, out_dir, key, study, meta, out):
-        from finetune.predict import write_input_segmentation
+        from finetune.predict import write_input_segmentation  # cycle: finetune.predict imports finetune.tasks
 
         paths = write_input_segmentation(out_dir, key, study, meta, out["labels"])
         return {"files": ";".join(str(p.relative_to(out_dir)) for p in paths)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pretrain import evaluate as ev
+from pretrain.data import list_shards
 from pretrain.models.vit import MaskedAutoencoder, flops_per_sample
 from pretrain.stages.base import Stage, register_stage, ukb_eval_transform
 
@@ -25,9 +27,6 @@ class MAEStage(Stage):
 
     def evaluate(self, cfg, model, manifest, shards, transform, limit, device, dtype, cache):
         """Reconstruction PSNR against its two references; the training mean image is computed once (`cache`)."""
-        from pretrain import evaluate as ev
-        from pretrain.data import list_shards
-
         if "mean_image" not in cache:
             cache["mean_image"] = ev.mean_image(list_shards(cfg.data.dataset, "train", manifest), transform, limit,
                                                 device)
