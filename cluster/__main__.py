@@ -1,19 +1,22 @@
 """python -m cluster — run cmrfm on SLURM through submitit: multi-node pretraining, Ray data prep on
-an allocation, single-GPU fine-tuning, with timeout / preemption requeue and automatic resume."""
+an allocation, single-GPU fine-tuning, with timeout / preemption requeue and automatic resume.
+
+The command line only: what a submission does is `cluster.submit` (callable from Python), the jobs themselves
+`cluster.jobs`, the scheduler side `cluster.launch`."""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
+from cluster import launch
 from cluster.config import SlurmConfig, format_minutes, time_warning
+from cluster.submit import JobPlan, plan_data_prep, plan_finetune, plan_pretrain, resolve_slurm, submit
 from core.cli import add_config_arguments, add_show_config_command, cli_parser, run_cli
-from core.config import ConfigError, load_config, save_resolved_config
+from core.config import load_config
 
 EPILOG = """examples:
   python -m cluster submit pretrain --config configs/pretrain/vita_stage1.yaml --nodes 8 --gpus-per-node 8 \\
@@ -56,7 +59,7 @@ FLAGS = [
 ]
 
 
-# ------------------------------------------------------------------------------------------------ config plumbing
+# ----------------------------------------------------------------------------------------------------- submit
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(job overrides, SlurmConfig overrides): `slurm.KEY=VALUE` goes to the cluster config."""
     job, slurm = [], []
@@ -65,113 +68,40 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return job, slurm
 
 
-def kind_defaults(kind: str, base: SlurmConfig) -> list[str]:
-    """Overrides a job kind implies, below the command line's flags: fine-tuning is one task on one GPU (or CPU),
-    data prep one Ray node per SLURM node without GPUs."""
-    if kind == "finetune":
-        return ["nodes=1", "tasks_per_node=1", f"gpus_per_node={min(1, base.gpus_per_node)}"]
-    if kind == "data_prep":
-        return ["tasks_per_node=1", "gpus_per_node=0"]
-    return []
-
-
 def slurm_config(args: argparse.Namespace, kind: str, slurm_overrides: list[str]) -> SlurmConfig:
-    flags = []
-    for flag, key, _, _ in FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            flags.append(f"{key}={value}")
-    base = load_config(SlurmConfig, args.slurm_config, [])
-    cfg = load_config(SlurmConfig, args.slurm_config, kind_defaults(kind, base) + flags + slurm_overrides)
-    if kind == "finetune" and (cfg.nodes != 1 or cfg.ntasks_per_node != 1 or cfg.gpus_per_node > 1):
-        raise ConfigError(f"finetune runs one task on one GPU (got nodes={cfg.nodes}, tasks_per_node="
-                          f"{cfg.ntasks_per_node}, gpus_per_node={cfg.gpus_per_node}); use --sweep for more runs")
-    return cfg
+    """The cluster config from --slurm-config, the resource flags, then `slurm.KEY=VALUE` overrides."""
+    flags = [f"{key}={getattr(args, key)}" for _, key, _, _ in FLAGS if getattr(args, key) is not None]
+    return resolve_slurm(args.slurm_config, kind, flags + slurm_overrides)
 
 
-def _split_values(text: str) -> list[str]:
-    """`a,b,[1,2],{x: 1}` -> ['a', 'b', '[1,2]', '{x: 1}']: commas inside brackets / braces / quotes stay."""
-    out, depth, quote, cur = [], 0, None, ""
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-            continue
-        cur += ch
-    out.append(cur.strip())
-    if any(v == "" for v in out):
-        raise ConfigError(f"sweep values {text!r}: empty value")
-    return out
+def _plan_pretrain(args, overrides: list[str], slurm: SlurmConfig) -> JobPlan:
+    return plan_pretrain(args.config, overrides, slurm, check=not args.skip_checks)
 
 
-def expand_sweep(specs: list[str]) -> list[list[str]]:
-    """`--sweep task.name=phenotypes,diseases --sweep seed=0,1` -> the cartesian product as override lists
-    (first axis slowest): [[task.name=phenotypes, seed=0], [task.name=phenotypes, seed=1], ...]; [[]] if none."""
-    axes, keys = [], set()
-    for spec in specs:
-        key, sep, values = spec.partition("=")
-        key = key.strip()
-        if not sep or not key or not values.strip():
-            raise ConfigError(f"malformed --sweep {spec!r}: expected section.key=v1,v2,...")
-        if key in keys:
-            raise ConfigError(f"--sweep {key} given twice")
-        keys.add(key)
-        axes.append([f"{key}={v}" for v in _split_values(values)])
-    return [list(combo) for combo in itertools.product(*axes)]
+def _plan_finetune(args, overrides: list[str], slurm: SlurmConfig) -> JobPlan:
+    return plan_finetune(args.config, overrides, slurm, args.sweep or [])
 
 
-def sweep_tag(overrides: list[str]) -> str:
-    """A folder name for one sweep point: task.name=phenotypes seed=0 -> task.name-phenotypes_seed-0."""
-    def one(ov: str) -> str:
-        key, _, value = ov.partition("=")
-        return f"{key}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')}"
-
-    return "_".join(one(ov) for ov in overrides) or "run"
+def _plan_data_prep(args, overrides: list[str], slurm: SlurmConfig) -> JobPlan:
+    flags = {"src": args.src, "job.out": args.out, "tabular": args.tabular}
+    return plan_data_prep(args.dataset, args.config, overrides + [f"{k}={v}" for k, v in flags.items()
+                                                                  if v is not None], slurm)
 
 
-# ----------------------------------------------------------------------------------------------------- submit
-def _prepare(args, kind: str):
-    from cluster import launch
-
+def _submit(args) -> int:
     job_overrides, slurm_overrides = split_overrides(list(args.overrides))
-    scfg = slurm_config(args, kind, slurm_overrides)
-    return launch, scfg, job_overrides, launch.new_job_folder(scfg, kind)
-
-
-def _dry_run(launch, scfg: SlurmConfig, kind: str, folder: Path, env: dict, array: int, run_dir: str) -> int:
-    name = launch.executor_name(scfg)
-    job_name = f"cmrfm-{kind}" if not scfg.name else scfg.name
-    setup = launch.setup_lines(scfg, env)
-    if name == "local":
-        print(f"# local executor: {scfg.ntasks_per_node} task(s) of `{launch.submitit_command(folder)}`, "
-              f"time limit {scfg.time_min} min, SIGUSR2 {scfg.signal_delay_s} s before it")
-        print("\n".join(f"# setup: {line}" for line in setup))
-    else:
-        print(launch.sbatch_script(scfg, folder, job_name, setup, array=array if array > 1 else 0), end="")
-    print(f"[cluster] dry run: nothing submitted; the job folder would be {folder}, the run directory {run_dir}"
-          + (f", {array} array tasks" if array > 1 else ""), file=sys.stderr)
-    if time_warning(scfg.time):
-        print(f"[cluster] {time_warning(scfg.time)}", file=sys.stderr)
-    return 0
-
-
-def _write_folder(folder: Path, scfg: SlurmConfig, job_cfg, run_dir: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(scfg, folder, "cluster.yaml")
-    if job_cfg is not None:
-        save_resolved_config(job_cfg, folder, "config.yaml")
-    (folder / "run_dir.txt").write_text(run_dir + "\n")
-
-
-def _finish(args, launch, rec, scfg: SlurmConfig) -> int:
+    plan = args.plan(args, job_overrides, slurm_config(args, args.kind, slurm_overrides))
+    scfg = plan.slurm
+    if args.dry_run:
+        for point, c in plan.sweep:
+            print(f"# array task: {' '.join(point)} -> out={c.out}", file=sys.stderr)
+        print(plan.script(), end="")
+        print(f"[cluster] dry run: nothing submitted; the job folder would be {plan.folder}, the run directory "
+              f"{plan.run_dir}" + (f", {plan.array} array tasks" if plan.array else ""), file=sys.stderr)
+        if time_warning(scfg.time):
+            print(f"[cluster] {time_warning(scfg.time)}", file=sys.stderr)
+        return 0
+    rec = submit(plan)
     n = len(rec.element_ids)
     print(f"submitted {rec.kind} job {rec.job_id} ({rec.executor}"
           + (f", {n} array tasks" if rec.array else f", {rec.tasks} task(s)")
@@ -198,85 +128,6 @@ def _finish(args, launch, rec, scfg: SlurmConfig) -> int:
     return 0
 
 
-def _submit_pretrain(args) -> int:
-    from cluster.jobs import PretrainJob
-    from pretrain.config import PretrainConfig
-
-    launch, scfg, job_overrides, folder = _prepare(args, "pretrain")
-    pcfg = load_config(PretrainConfig, args.config, job_overrides)
-    world = scfg.nodes * scfg.ntasks_per_node
-    if pcfg.train.global_batch % (pcfg.train.micro_batch * world):
-        raise ConfigError(f"train.global_batch {pcfg.train.global_batch} is not a multiple of train.micro_batch x "
-                          f"world size = {pcfg.train.micro_batch} x {world} ({scfg.nodes} nodes x "
-                          f"{scfg.ntasks_per_node} tasks)")
-    run_dir = str(Path(pcfg.checkpoint.dir).absolute())
-    if not args.skip_checks:  # the dataset, the geometry and the paths, before anything is queued (not the GPU:
-        from pretrain.train import preflight  # this login node may have none)
-
-        preflight(pcfg, check_device=False)
-    env = launch.env_for(scfg, "pretrain")
-    if args.dry_run:
-        return _dry_run(launch, scfg, "pretrain", folder, env, 0, run_dir)
-    _write_folder(folder, scfg, pcfg, run_dir)
-    fn = PretrainJob(pcfg, str(folder), scfg.max_requeues, cpu=scfg.gpus_per_node == 0, env=env,
-                     port=scfg.master_port)
-    rec = launch.submit(scfg, "pretrain", folder, [fn], scfg.name or "cmrfm-pretrain", env, run_dir)
-    return _finish(args, launch, rec, scfg)
-
-
-def _submit_finetune(args) -> int:
-    from cluster.jobs import FinetuneJob
-    from finetune.config import FinetuneConfig
-
-    launch, scfg, job_overrides, folder = _prepare(args, "finetune")
-    base = load_config(FinetuneConfig, args.config, job_overrides)
-    points = expand_sweep(args.sweep or [])
-    cfgs = []
-    for point in points:
-        extra = [f"out={Path(base.out) / sweep_tag(point)}"] if args.sweep else []
-        cfgs.append((point, load_config(FinetuneConfig, args.config, job_overrides + point + extra)))
-    run_dirs = [str(Path(c.out).absolute()) for _, c in cfgs]
-    run_dir = str(Path(base.out).absolute())
-    env = launch.env_for(scfg, "finetune")
-    if args.dry_run:
-        for point, c in cfgs if args.sweep else []:
-            print(f"# array task: {' '.join(point)} -> out={c.out}", file=sys.stderr)
-        return _dry_run(launch, scfg, "finetune", folder, env, len(cfgs), run_dir)
-    _write_folder(folder, scfg, base, run_dir)
-    fns = []
-    for i, (point, c) in enumerate(cfgs):
-        path = (save_resolved_config(c, folder / "sweep", f"{i:03d}_{sweep_tag(point)}.yaml") if args.sweep
-                else folder / "config.yaml")
-        fns.append(FinetuneJob(str(path), env=env))
-    rec = launch.submit(scfg, "finetune", folder, fns, scfg.name or "cmrfm-finetune", env, run_dir,
-                        run_dirs if args.sweep else ())
-    return _finish(args, launch, rec, scfg)
-
-
-def _submit_data_prep(args) -> int:
-    from importlib import import_module
-
-    from cluster.jobs import DataPrepJob
-
-    launch, scfg, job_overrides, folder = _prepare(args, "data_prep")
-    flags = {"src": args.src, "job.out": args.out, "tabular": args.tabular}
-    job_overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    module = import_module(f"data_prep.{args.dataset}.job")
-    dcfg = load_config(module.JOB_CONFIG, args.config, job_overrides)
-    for key, path in (("src", dcfg.src), ("tabular", getattr(dcfg, "tabular", None))):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{key} {path}: no such file or directory")
-    run_dir = str(Path(dcfg.job.out).absolute())
-    env = launch.env_for(scfg, "data_prep")
-    if args.dry_run:
-        return _dry_run(launch, scfg, "data_prep", folder, env, 0, run_dir)
-    _write_folder(folder, scfg, dcfg, run_dir)
-    fn = DataPrepJob(args.dataset, str(folder / "config.yaml"), str(folder), cpus=scfg.cpus_per_task,
-                     ray_port=scfg.ray_port, env=env)
-    rec = launch.submit(scfg, "data_prep", folder, [fn], scfg.name or f"cmrfm-data-{args.dataset}", env, run_dir)
-    return _finish(args, launch, rec, scfg)
-
-
 def _add_submit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slurm-config", type=Path, metavar="PATH",
                    help="cluster config YAML (configs/cluster/*.yaml); flags and slurm.KEY=VALUE override it")
@@ -301,14 +152,14 @@ def _add_submit(sub) -> None:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_submit_flags(p)
     add_config_arguments(p, "configs/pretrain/vita_stage1_tiny.yaml")
-    p.set_defaults(func=_submit_pretrain)
+    p.set_defaults(func=_submit, plan=_plan_pretrain)
     p = kinds.add_parser("finetune", help="fine-tuning on one GPU; --sweep: a job array",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_submit_flags(p)
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                    help="one job per value (repeat: the cartesian product), each with out=<out>/<KEY-VALUE...>")
     add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
-    p.set_defaults(func=_submit_finetune)
+    p.set_defaults(func=_submit, plan=_plan_finetune)
     d = kinds.add_parser("data_prep", help="a Ray cluster over the allocation runs `python -m data_prep ukb|kspace`",
                          description="Start a Ray cluster inside the allocation (head on the first node, one worker "
                                      "per further node), run the conversion on it, tear it down.",
@@ -323,7 +174,7 @@ def _add_submit(sub) -> None:
         p.add_argument("--out", help="output directory (config key: job.out)")
         _add_submit_flags(p)
         add_config_arguments(p)
-        p.set_defaults(func=_submit_data_prep, tabular=None)
+        p.set_defaults(func=_submit, plan=_plan_data_prep, tabular=None)
 
 
 # ------------------------------------------------------------------------------------------ status, logs, cancel
@@ -334,16 +185,12 @@ def _root(args) -> Path:
 
 
 def _status(args) -> int:
-    from cluster import launch
-
     st = launch.status(launch.find_job(args.job, _root(args)))
     print(json.dumps(st, indent=1, default=str) if args.json else launch.format_status(st))
     return 0
 
 
 def _logs(args) -> int:
-    from cluster import launch
-
     rec = launch.find_job(args.job, _root(args))
     for path in launch.log_paths(rec, args.task, args.err, args.element):
         if not path.exists():
@@ -356,8 +203,6 @@ def _logs(args) -> int:
 
 
 def _cancel(args) -> int:
-    from cluster import launch
-
     print(launch.cancel(launch.find_job(args.job, _root(args))))
     return 0
 

@@ -162,6 +162,21 @@ class TrainConfig:
     eval_split: str = "val"  # the split evaluated ("train" only for tiny data: in-sample retrieval)
     deepspeed_dir: Path = Path("configs/deepspeed")  # zero<stage>.json: ZeRO tuning; batch/precision come from here
 
+    def __post_init__(self):
+        for name in ("global_batch", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        self.accumulation_steps(1)
+
+    def accumulation_steps(self, world_size: int, where: str = "") -> int:
+        """Micro-steps per optimizer step on `world_size` ranks (the one check that the global batch splits into
+        whole micro-batches; `where` says how the world size came about)."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(f"train.global_batch {self.global_batch} is not a multiple of train.micro_batch x "
+                             f"world size = {self.micro_batch} x {world_size}{where}")
+        return self.global_batch // per_step
+
 
 @dataclass
 class CheckpointConfig:
@@ -184,7 +199,3 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def __post_init__(self):
-        if self.train.global_batch % self.train.micro_batch:
-            raise ValueError(f"train.global_batch {self.train.global_batch} is not a multiple of "
-                             f"train.micro_batch {self.train.micro_batch}")
