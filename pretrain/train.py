@@ -14,6 +14,7 @@ repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from core.cli import eta
 from core.config import ConfigError, dump_config, flat_config, project_path, save_resolved_config
+from core.fsutil import atomic_write_text
 from core.manifest import Manifest
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
@@ -38,17 +40,19 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
 def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
     """The DeepSpeed config: ZeRO tuning from configs/deepspeed/zero<N>.json, everything else from `cfg`."""
     t = cfg.train
-    per_step = t.micro_batch * world_size
-    if t.global_batch % per_step:
-        raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x world size "
-                         f"= {t.micro_batch} x {world_size}")
+    accumulation = t.accumulation_steps(world_size)
     path = project_path(Path(t.deepspeed_dir) / f"zero{t.zero_stage}.json")  # the project's, from any directory
     ds = json.loads(path.read_text())
     ds["zero_optimization"]["stage"] = t.zero_stage
     ds.update({"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": t.micro_batch,
-               "gradient_accumulation_steps": t.global_batch // per_step, "gradient_clipping": cfg.optim.grad_clip,
+               "gradient_accumulation_steps": accumulation, "gradient_clipping": cfg.optim.grad_clip,
                "bf16": {"enabled": t.precision == "bf16"}, "steps_per_print": 10**9, "wall_clock_breakdown": False})
     return ds
+
+
+def _generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The random stream of one micro-step on one rank (masking, tabular corruption)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
 
 
 def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
@@ -94,15 +98,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: 
     return out
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (the checkpoint resumed from) from metrics.jsonl, atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            pass
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+        print(f"[pretrain] {path}: {len(lines) - len(keep)} rows after step {step} dropped (they are rerun)",
+              flush=True)
+
+
 class StopSignal:
-    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM before a timeout or preemption): save at the next step, then stop."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM before a timeout or preemption) and SIGINT (Ctrl-C): save at the next
+    check (every 10 steps), then stop with exit code 75. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.received = None
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def any_rank(self, device: torch.device) -> bool:
@@ -167,7 +192,8 @@ def train(cfg: PretrainConfig) -> dict:
                                   betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     ds_config = deepspeed_config(cfg, world)
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume == "auto" else None
+    say = (lambda msg: print(f"[pretrain] {msg}", flush=True)) if rank == 0 else None
+    tag = checkpoint.latest_tag(ckpt_dir, say) if cfg.checkpoint.resume == "auto" else None
     universal = tag is not None and checkpoint.saved_world_size(ckpt_dir, tag) != world
     if universal:  # another number of ranks than the checkpoint's: load its universal conversion
         ds_config["checkpoint"] = {"load_universal": True}
@@ -177,9 +203,11 @@ def train(cfg: PretrainConfig) -> dict:
 
     # --- resume ---
     step, samples = 0, 0
-    state = checkpoint.load(engine, ckpt_dir, universal) if tag is not None else None
+    state = checkpoint.load(engine, ckpt_dir, tag, universal)
     if state is not None:
         step, samples = state["step"], state["samples"]
+        if rank == 0:  # rows a crash logged after this checkpoint are logged again by the rerun: keep one copy
+            _trim_metrics(run_dir / "metrics.jsonl", step)
         loader.load_state_dict(state["mine"]["loader"] if state["mine"] else
                                {**state["per_rank"][0]["loader"], "consumed_global": samples})
 
@@ -193,7 +221,9 @@ def train(cfg: PretrainConfig) -> dict:
         backend = sdpa_backend_report(device, dtype, cfg.model.heads, cfg.model.dim // cfg.model.heads)
         print(f"[pretrain] {env.launcher}: world {world}, device {device}, {cfg.train.precision}, ZeRO-"
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
-              f"global {cfg.train.global_batch}; {total_steps} steps; attention: {backend}"
+              f"global {cfg.train.global_batch}"
+              + (" (the contrastive batch: GradCache over the micro-steps)" if stage.contrastive and gas > 1 else "")
+              + f"; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
     flops = stage.flops(cfg, model)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
@@ -209,18 +239,18 @@ def train(cfg: PretrainConfig) -> dict:
 
     # --- the loop ---
     while step < total_steps:
-        losses, psnrs = [], []
-        for micro in range(gas):
+        micro_inputs = []
+        for _ in range(gas):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            inputs = stage.inputs(cfg, batch, device, dtype)
-            gen = torch.Generator().manual_seed(((cfg.train.seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
-            out = engine(**inputs, generator=gen)
-            engine.backward(out["loss"])
-            engine.step()
-            losses.append(out["loss"].detach().float())
-            psnrs.append(out[quality].detach().float())
+            micro_inputs.append(stage.inputs(cfg, batch, device, dtype))
+        # a fresh generator per micro-step (masks, corruption), the same whenever asked again
+        generators = [functools.partial(_generator, cfg.train.seed, step, micro, rank) for micro in range(gas)]
+        outs = stage.train_step(engine, micro_inputs, generators, world, device)
+        losses = [o["loss"].detach().float() for o in outs]
+        psnrs = [o[quality].detach().float() for o in outs]
+        inputs, out = micro_inputs[-1], outs[-1]
         step += 1
         samples += cfg.train.global_batch
         if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,16 @@ def write_shards(out: Path, groups: list[tuple[str, list[str]]], make_sample) ->
     return shards
 
 
+def need_slurm() -> None:
+    """Skip a SLURM test when no cluster answers -- or fail it, where SLURM is required (CI sets
+    CMRFM_REQUIRE_SLURM=1: a cluster that did not start must not turn into green skips)."""
+    problem = slurm_problem()
+    if problem and os.environ.get("CMRFM_REQUIRE_SLURM"):
+        pytest.fail(f"SLURM is required here (CMRFM_REQUIRE_SLURM) but {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
 @functools.lru_cache(maxsize=1)
 def slurm_problem() -> str | None:
     """None when a SLURM controller answers (the SLURM tests run), else why not (they skip with it)."""
@@ -124,3 +136,55 @@ def slurm_problem() -> str | None:
     if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in states[1:]):
         return f"no usable node in partition `debug` (states: {states[1:]})"
     return None
+
+
+def _rank_main(rank: int, worker, world: int, tmp: str, args: tuple) -> None:
+    """One spawned rank: a gloo process group over the loopback (file rendezvous in `tmp`), RANK / WORLD_SIZE in
+    the environment (DeepSpeed reads them), `worker(rank, *args)`'s result saved as tmp/rank<r>.pt, or the
+    traceback as tmp/rank<r>.err."""
+    from datetime import timedelta
+
+    import torch
+
+    out = Path(tmp)
+    try:
+        torch.set_num_threads(1)
+        if Path("/sys/class/net/lo").exists():
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                           "DS_ACCELERATOR": "cpu"})
+        torch.distributed.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                                             world_size=world, timeout=timedelta(seconds=120))
+        torch.save(worker(rank, *args), out / f"rank{rank}.pt")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def spawn_ranks(worker, world: int, tmp: Path, *args, timeout: float = 300) -> list:
+    """Run `worker(rank, *args)` on `world` spawned gloo ranks (`_rank_main`); never leave a rank behind (one whose
+    peer died waits in a collective); assert every rank exited 0; return each rank's result."""
+    import torch
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, worker, world, str(tmp), args), daemon=True)
+             for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    errors = "\n".join(f.read_text() for f in sorted(Path(tmp).glob("rank*.err")))
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"exit codes {codes}\n{errors}"
+    return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

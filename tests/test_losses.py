@@ -8,15 +8,12 @@ local embeddings (and the logit scale, after the documented reduction) equal the
 from __future__ import annotations
 
 import math
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import spawn_ranks
 from pretrain.losses import (MAX_LOGIT_SCALE, LogitScale, clip_loss, gather_features, gather_labels, soft_clip_loss,
                              soft_targets)
 
@@ -228,58 +225,26 @@ def _encoder_grads(rank, lo, hi, red):
     return {"loss": loss.detach(), "grads": [p.grad.clone() for p in params]}
 
 
-def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
-    out = Path(out_dir)
-    try:
-        torch.set_num_threads(1)
-        if Path("/sys/class/net/lo").exists():
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-        torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                                             world_size=WORLD, timeout=timedelta(seconds=60))
-        img, tab, modality, view, valid = _batch()
-        n = B // WORLD
-        lo, hi = rank * n, (rank + 1) * n
-        res = {}
-        for dtype in (torch.float32, torch.float64):
-            for case in _cases():
-                for red in ("sum", "mean"):
-                    res[(case, red, str(dtype))] = _run(case, img[lo:hi], tab[lo:hi], modality[lo:hi], view[lo:hi],
-                                                        valid[lo:hi], red, dtype)
-        for red in ("sum", "mean"):
-            res[("encoder", red)] = _encoder_grads(rank, lo, hi, red)
-        g = gather_labels(valid[lo:hi], modality[lo:hi])
-        res["gathered_labels"] = g
-        torch.save(res, out / f"rank{rank}.pt")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+def _worker(rank: int) -> dict:
+    img, tab, modality, view, valid = _batch()
+    n = B // WORLD
+    lo, hi = rank * n, (rank + 1) * n
+    res = {}
+    for dtype in (torch.float32, torch.float64):
+        for case in _cases():
+            for red in ("sum", "mean"):
+                res[(case, red, str(dtype))] = _run(case, img[lo:hi], tab[lo:hi], modality[lo:hi], view[lo:hi],
+                                                    valid[lo:hi], red, dtype)
+    for red in ("sum", "mean"):
+        res[("encoder", red)] = _encoder_grads(rank, lo, hi, red)
+    res["gathered_labels"] = gather_labels(valid[lo:hi], modality[lo:hi])
+    return res
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("losses_2ranks")
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp / "rendezvous"), str(tmp)), daemon=True)
-             for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:  # never leave a rank behind (e.g. its peer died and it waits in a collective)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp, timeout=120)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -91,11 +91,19 @@ class ImageTabularCLIP(nn.Module):
         return {"image": z_img, "tabular": self.tabular_proj(self.tabular.pooled(tab_values, tab_missing))}
 
     def forward(self, images: Tensor, tab_values: Tensor, tab_missing: Tensor,
-                generator: Optional[torch.Generator] = None) -> dict:
+                generator: Optional[torch.Generator] = None, features_only: bool = False) -> dict:
+        """The training loss ({"loss", "acc"}); `features_only`: the loss's inputs instead (`pretrain.gradcache`)."""
         latent, _, _ = self.encoder(images, mask_ratio=self.cfg.image_mask_ratio, generator=generator)
-        z_img = self.image_proj(self.image_norm(latent.mean(dim=1)))
-        z_tab = self.tabular_proj(self.tabular.pooled(tab_values, tab_missing, generator=generator))
-        loss = clip_loss(z_img, z_tab, temperature=self.cfg.temperature, weight=self.cfg.loss_weight)
+        feats = {"image": self.image_proj(self.image_norm(latent.mean(dim=1))),
+                 "tabular": self.tabular_proj(self.tabular.pooled(tab_values, tab_missing, generator=generator))}
+        return feats if features_only else self.contrastive_loss(feats)
+
+    def contrastive_loss(self, feats: dict, grad_reduction: str = "mean") -> dict:
+        """The CLIP loss over the global batch (gathered over the ranks) and the retrieval accuracy within this
+        rank's rows."""
+        z_img, z_tab = feats["image"], feats["tabular"]
+        loss = clip_loss(z_img, z_tab, temperature=self.cfg.temperature, weight=self.cfg.loss_weight,
+                         grad_reduction=grad_reduction)
         with torch.no_grad():  # local retrieval accuracy: does each image pick its own table row in the batch?
             sim = nn.functional.normalize(z_img.float(), dim=-1) @ nn.functional.normalize(z_tab.float(), dim=-1).T
             acc = (sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean()

@@ -90,10 +90,20 @@ class MetaCLIP(nn.Module):
         return self.text_proj(self.text(list(texts)).to(self.text_proj.proj.weight.dtype))
 
     def forward(self, images: Tensor, valid: Tensor, texts: Sequence[str], modality: Tensor, view: Tensor,
-                view_valid: Tensor, generator: Optional[torch.Generator] = None) -> dict:
-        z_img, z_txt = self.embed_images(images, valid), self.embed_texts(texts)
-        loss = soft_clip_loss(z_img, z_txt, modality, view, view_valid, self.logit_scale(),
-                              self.cfg.alpha_modality, self.cfg.beta_view)
+                view_valid: Tensor, generator: Optional[torch.Generator] = None, features_only: bool = False) -> dict:
+        """The training loss ({"loss", "acc"}); `features_only`: the loss's inputs instead (`pretrain.gradcache`):
+        both embeddings, the labels and the learnable log-temperature (shared by the batch: a 0-dim tensor)."""
+        feats = {"image": self.embed_images(images, valid), "text": self.embed_texts(texts), "texts": list(texts),
+                 "modality": modality, "view": view, "view_valid": view_valid, "logit_scale": self.logit_scale()}
+        return feats if features_only else self.contrastive_loss(feats)
+
+    def contrastive_loss(self, feats: dict, grad_reduction: str = "mean") -> dict:
+        """The soft-label loss over the global batch (gathered over the ranks) and the retrieval accuracy within
+        this rank's rows."""
+        z_img, z_txt, texts = feats["image"], feats["text"], feats["texts"]
+        loss = soft_clip_loss(z_img, z_txt, feats["modality"], feats["view"], feats["view_valid"],
+                              feats["logit_scale"], self.cfg.alpha_modality, self.cfg.beta_view,
+                              grad_reduction=grad_reduction)
         with torch.no_grad():  # local retrieval accuracy: does each image pick its own sentence in the batch?
             sim = nn.functional.normalize(z_img.float(), dim=-1) @ nn.functional.normalize(z_txt.float(), dim=-1).T
             same = torch.tensor([[a == b for b in texts] for a in texts], device=sim.device)

@@ -9,15 +9,17 @@ from pathlib import Path
 import torch
 
 from core.fsutil import atomic_write_text
+from pretrain import evaluate as ev
+from pretrain.models.metaclip import MetaCLIP
 from pretrain.stages.base import Stage, init_encoder, register_stage
+from pretrain.transforms import KSpaceTransform
 
 
 class MetaCLIPStage(Stage):
     name, dataset, quality = "metaclip", "kspace", "acc"  # in-batch image->text retrieval accuracy
+    contrastive = True
 
     def build_model(self, cfg, manifest, run_dir=None, rank=0):
-        from pretrain.models.metaclip import MetaCLIP
-
         corpus = text_corpus(manifest.root, run_dir)
         if run_dir is not None and rank == 0:  # frozen for a resume (the tokenizer of a from-scratch text encoder)
             atomic_write_text(Path(run_dir) / "text_corpus.json", json.dumps(corpus, indent=0))
@@ -27,8 +29,6 @@ class MetaCLIPStage(Stage):
         return cfg.metaclip.image_encoder  # "vit" or "resnet50"
 
     def transform(self, cfg, manifest, train):
-        from pretrain.transforms import KSpaceTransform
-
         return KSpaceTransform(cfg.data, cfg.metaclip.sampling(), cfg.train.seed, train=train)
 
     def inputs(self, cfg, batch, device, dtype):
@@ -38,8 +38,6 @@ class MetaCLIPStage(Stage):
 
     def evaluate(self, cfg, model, manifest, shards, transform, limit, device, dtype, cache):
         """Image<->sentence retrieval over the distinct metadata sentences and the soft-label loss."""
-        from pretrain import evaluate as ev
-
         emb = ev.embed_split(lambda b: {"image": model.embed_images(b["image"].to(device, dtype),
                                                                     b["valid"].to(device))},
                              shards, transform, batch_size=cfg.train.micro_batch, limit=limit,

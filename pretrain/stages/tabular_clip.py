@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+from pretrain import evaluate as ev
+from pretrain.models.clip import ImageTabularCLIP
 from pretrain.stages.base import Stage, init_encoder, register_stage, ukb_eval_transform
 
 
 class TabularCLIPStage(Stage):
     name, dataset, quality = "tabular_clip", "ukb", "acc"  # in-batch image->table retrieval accuracy
+    contrastive = True
 
     def build_model(self, cfg, manifest, run_dir=None, rank=0):
-        from pretrain.models.clip import ImageTabularCLIP
-
         if "stats" not in manifest.tabular:
             raise ValueError(f"{manifest.root}: no tabular features/statistics (convert with --tabular)")
         return init_encoder(cfg, ImageTabularCLIP(cfg.model, cfg.tabular, manifest.tabular_features))
@@ -29,8 +30,6 @@ class TabularCLIPStage(Stage):
 
     def evaluate(self, cfg, model, manifest, shards, transform, limit, device, dtype, cache):
         """Image<->table retrieval and the contrastive loss over `global_batch` chunks."""
-        from pretrain import evaluate as ev
-
         emb = ev.embed_split(lambda b: model.embed(**self.inputs(cfg, b, device, dtype)), shards, transform,
                              batch_size=cfg.train.micro_batch, limit=limit)
         return ev.tabular_clip_metrics(emb, cfg.tabular.temperature, cfg.tabular.loss_weight, cfg.train.global_batch)
