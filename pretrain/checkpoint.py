@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -163,12 +164,29 @@ def _delete_tree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    p = Path(ckpt_dir) / LATEST
-    if not p.exists():
-        return None
-    tag = p.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag / COMPLETE).exists() else None
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The tags with their COMPLETE marker, oldest first (by step)."""
+    tags = [p.parent.name for p in Path(ckpt_dir).glob(f"step*/{COMPLETE}")]
+    return sorted((t for t in tags if re.fullmatch(r"step[0-9]+", t)), key=lambda t: int(t[4:]))
+
+
+def latest_tag(ckpt_dir: Path, report: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """The checkpoint to resume from: the complete tag `latest` names (a user may point it at an older one to go
+    back), else -- `latest` missing, unreadable, or naming a tag without its COMPLETE marker -- the newest complete
+    tag, with `report` told why; None when no checkpoint is complete."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    try:
+        named = pointer.read_text().strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = "<unreadable>"
+    if named and re.fullmatch(r"step[0-9]+", named) and (ckpt_dir / named / COMPLETE).exists():
+        return named
+    complete = complete_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    if complete and report is not None:
+        why = "is missing" if named is None else f"names {named!r}, which is not a complete checkpoint"
+        report(f"{pointer} {why}: resuming from the newest complete checkpoint, {complete[-1]}")
+    return complete[-1] if complete else None
 
 
 def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: int) -> str:
@@ -196,11 +214,10 @@ def save(engine, ckpt_dir: Path, step: int, client: dict, per_rank: dict, keep: 
     return tag
 
 
-def load(engine, ckpt_dir: Path, universal: bool = False) -> Optional[dict]:
-    """Resume from the latest complete checkpoint; returns the client state (with this rank's entry as
-    `mine`, or None if the world size changed), or None when there is nothing to resume from. `universal`:
-    the engine was built with `checkpoint.load_universal` (world size changed): load the converted copy."""
-    tag = latest_tag(ckpt_dir)
+def load(engine, ckpt_dir: Path, tag: Optional[str], universal: bool = False) -> Optional[dict]:
+    """Resume from checkpoint `tag` (`latest_tag`); returns the client state (with this rank's entry as `mine`, or
+    None if the world size changed), or None when there is nothing to resume from. `universal`: the engine was
+    built with `checkpoint.load_universal` (world size changed): load the converted copy."""
     if tag is None:
         return None
     load_tag = to_universal(ckpt_dir, tag) if universal else tag

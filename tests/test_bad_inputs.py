@@ -22,6 +22,8 @@ import webdataset as wds
 
 from data_prep.engine import JobConfig
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 CDT = np.dtype([("real", "<f4"), ("imag", "<f4")])
 

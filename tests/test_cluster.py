@@ -38,13 +38,10 @@ CPU_JOB = ["--slurm-config", str(LOCAL_CPU), "--partition", "debug", "--gpus-per
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+from conftest import need_slurm as _need_slurm  # noqa: E402
 from conftest import slurm_problem as _cluster_problem  # noqa: E402
 
-
-def _need_slurm() -> None:
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+pytestmark = pytest.mark.slow  # not in `make test-fast`
 
 
 def _env() -> dict:
@@ -159,7 +156,7 @@ def test_flags_and_overrides_map_to_the_cluster_config():
 
 
 def test_sweep_expansion():
-    from cluster.__main__ import expand_sweep, sweep_tag
+    from cluster.submit import expand_sweep, sweep_tag
     from core.config import ConfigError
 
     points = expand_sweep(["task.name=phenotypes,diseases", "seed=0,1"])
@@ -258,6 +255,8 @@ def test_an_sbatch_refusal_is_one_line_with_slurms_reason(tmp_path):
 def ukb_job(tiny_cohort, tmp_path_factory):
     """The tiny cohort converted by `python -m cluster submit data_prep ukb` at the tiny model's crop size: a job of
     2 tasks (Ray head + Ray worker) on SLURM, or through the local executor when there is no SLURM here."""
+    if os.environ.get("CMRFM_REQUIRE_SLURM"):
+        _need_slurm()
     executor = "slurm" if _cluster_problem() is None else "local"
     tmp = tmp_path_factory.mktemp("cluster_ukb")
     t0 = time.time()

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["SYNTH_ARGS=subjects=24 kspace_scans=60",  # k-space split by patient: enough patients for val and test
          # Stage I: ~40 steps with a checkpoint every 5, so that Ctrl-C lands between two checkpoints

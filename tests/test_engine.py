@@ -63,6 +63,7 @@ def _hashes(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*.tar"))}
 
 
+@pytest.mark.slow
 def test_convert_quarantine_crash_and_reconcile(tmp_path):
     keys = [f"{1000000 + i}" for i in range(9)] + ["1000100bad", "1000200crash", "1000300nan"]
     cfg = JobConfig(out=tmp_path / "out", block_size=3, workers=2, max_retries=1)

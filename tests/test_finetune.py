@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from core.config import load_config
 from finetune.config import FinetuneConfig
+
+pytestmark = pytest.mark.slow  # not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/finetune/tiny.yaml"

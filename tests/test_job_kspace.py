@@ -7,12 +7,15 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import webdataset as wds
 
 from core.format import KSpaceSample, StoreReader
 from data_prep.engine import JobConfig
 from data_prep.kspace.job import KSpaceJobConfig, run
 from data_prep.kspace.preprocess import preprocess_kspace_file
+
+pytestmark = pytest.mark.slow  # not in `make test-fast`
 
 
 def _cfg(src: Path, out: Path) -> KSpaceJobConfig:

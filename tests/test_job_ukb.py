@@ -25,6 +25,8 @@ from data_prep.ukb.csv_export import read_ukb_csv
 from data_prep.ukb.feature_spec import load_feature_spec
 from data_prep.ukb.features import extract_features
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

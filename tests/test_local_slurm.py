@@ -21,21 +21,19 @@ import pytest
 submitit = pytest.importorskip("submitit")
 cloudpickle = pytest.importorskip("cloudpickle")
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # The jobs unpickle the functions/classes below in a fresh interpreter where this test module is not importable
 # (pytest put tests/ on its own sys.path only): ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-from conftest import slurm_problem as _cluster_problem  # noqa: E402
+from conftest import need_slurm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _need_slurm():
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    need_slurm()
 
 
 def _scontrol_job(job_id: str) -> dict[str, str]:

@@ -15,6 +15,8 @@ import torch
 
 from pretrain.config import DataConfig, KSpaceSampling, MetaCLIPConfig, ViTConfig
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/metaclip_cmr_tiny.yaml"
 

@@ -237,6 +237,7 @@ def test_psnr_of_perfect_and_constant_predictions():
 
 
 # --- optimisation ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_learns():
     torch.manual_seed(0)
     model = MaskedAutoencoder(VIT, MAE)

@@ -62,6 +62,7 @@ def test_phenotypes_match_the_generator_truth(tiny_cohort):
             assert v == pytest.approx(float(truth[d.name][k]), rel=2e-3, abs=2e-3), k
 
 
+@pytest.mark.slow
 def test_dicom_and_nifti_sources_give_the_same_stack(tiny_cohort):
     for d in _subjects(tiny_cohort):
         z = tiny_cohort / "ukb_dicom"

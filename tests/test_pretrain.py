@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/pretrain/vita_stage1_tiny.yaml"
 
@@ -42,7 +44,8 @@ def _launch(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2,
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     else:  # the deepspeed launcher (it passes --local_rank=N)
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", "--master_port=29577", "--module"]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}",
+               "--module"]
     cmd += ["pretrain", "train", "--config", str(TINY), f"checkpoint.dir={run_dir}", f"data.dataset={shards}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -95,6 +98,7 @@ def test_loss_falls_with_zero2_on_two_cpu_ranks(shards, tmp_path):
     assert len(ev.Images(ev.Tags()["images"][0])) == 24 // 4  # reconstruction grids every 4 steps
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(shards, tmp_path):
     straight = tmp_path / "straight"
     _run(straight, shards, *STEPS)
@@ -140,6 +144,7 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_directory_stops_with_the_holder(shards, tmp_path):
     run = tmp_path / "run"
     first = _launch(run, shards, "train.epochs=500", "train.samples_per_epoch=16")  # still running when
@@ -182,6 +187,7 @@ def test_checkpoint_housekeeping_removes_debris_and_never_latest(tmp_path):
     assert sweep(ckpt) == [] and (ckpt / "step00000006").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_save_is_not_the_resume_point(shards, tmp_path):
     from pretrain.checkpoint import latest_tag
 
@@ -195,10 +201,29 @@ def test_interrupted_save_is_not_the_resume_point(shards, tmp_path):
     (partial / "COMPLETE").unlink()
     next(partial.glob("*optim_states.pt")).unlink()
     assert latest_tag(ckpt) == "step00000004"
-    (ckpt / "latest").write_text("step00000099")  # even a pointer to it is refused without the marker
-    assert latest_tag(ckpt) is None
+    # a pointer to it is refused without the marker: the newest complete checkpoint instead, and said so
+    (ckpt / "latest").write_text("step00000099")
+    said = []
+    assert latest_tag(ckpt, said.append) == "step00000004" and "not a complete checkpoint" in said[0]
+    (ckpt / "latest").unlink()  # no pointer at all: likewise
+    assert latest_tag(ckpt, said.append) == "step00000004" and "is missing" in said[1]
+    (ckpt / "latest").write_text("step00000099")
+
+    # the run resumes from step 4, and rows a crash logged after it (here steps 5-7, and a line cut short) are not
+    # kept twice: the resumed run's metrics are one row per step
+    with open(run / "metrics.jsonl", "a") as f:
+        for step in (5, 6, 7):
+            f.write(json.dumps({"step": step, "samples": 8 * step, "loss": 99.0}) + "\n")
+        f.write('{"step": 8, "sam')
+    out = _run(run, shards, "train.epochs=3", "train.samples_per_epoch=16", "checkpoint.every_steps=2")
+    assert "resuming from the newest complete checkpoint, step00000004" in out and "at step 4" in out, out[-3000:]
+    assert "4 rows after step 4 dropped" in out, out[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)) and all(r["loss"] < 99 for r in _metrics(run).values())
+    assert latest_tag(ckpt) == "step00000006" and not partial.exists()  # the broken tag is swept once unprotected
 
 
+@pytest.mark.slow
 def test_zero3_and_encoder_export(shards, tmp_path):
     run = tmp_path / "run"
     _run(run, shards, "train.epochs=2", "train.samples_per_epoch=16", "train.zero_stage=3")
@@ -219,6 +244,7 @@ def test_zero3_and_encoder_export(shards, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):
     out = _run(tmp_path / "run", shards, "train.epochs=1", "train.samples_per_epoch=16", "train.precision=bf16",
                launcher="deepspeed")
@@ -227,8 +253,10 @@ def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
 
 
-def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp_path):
-    """What SLURM does before a time limit: a signal; the run checkpoints at the next step and stops."""
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_one_process_without_a_launcher_saves_on_a_signal_and_resumes(shards, tmp_path, sig):
+    """What SLURM does before a time limit (a signal), or Ctrl-C: the run checkpoints at the next check and stops."""
     from pretrain.__main__ import EXIT_STOPPED
     from pretrain.checkpoint import latest_tag
 
@@ -240,10 +268,10 @@ def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp
     while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert p.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    p.send_signal(signal.SIGUSR1)
+    p.send_signal(sig)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == EXIT_STOPPED, out[-3000:]  # not 0: `train && export` must not export an unfinished run
-    assert "SIGUSR1: checkpoint saved at step" in out and "world 1" in out
+    assert f"{sig.name}: checkpoint saved at step" in out and "world 1" in out
     tag = latest_tag(run / "checkpoints")
     stopped = int(tag.removeprefix("step"))
     assert 3 <= stopped < 80
@@ -252,6 +280,7 @@ def test_one_process_without_a_launcher_saves_on_sigusr1_and_resumes(shards, tmp
     assert f"resumed from {tag} at step {stopped}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
     """Through DeepSpeed's universal checkpoint conversion; the data stream continues by global sample count."""
@@ -270,6 +299,7 @@ def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
 STAGE2 = ROOT / "configs/pretrain/vita_stage2_tiny.yaml"
 
 
+@pytest.mark.slow
 def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path):
     stage1 = tmp_path / "stage1"
     _run(stage1, shards, "train.epochs=2", "train.samples_per_epoch=16")
@@ -320,6 +350,7 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path)
     assert meta["provenance"][1]["run"] == str(stage1.resolve())
 
 
+@pytest.mark.slow
 def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
     from safetensors.torch import load_file
 
@@ -342,6 +373,7 @@ def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
         stage2.build_model(bad, Manifest.load(shards))
 
 
+@pytest.mark.slow
 def test_pretraining_continues_when_the_cohort_grows(tiny_cohort, ray_cluster, tmp_path):
     """Scaling to more subjects: a run on 2 converted subjects, the conversion re-run on a source with 4 (it appends
     2, the old shards untouched), the same command again: it resumes from the last checkpoint, says the data
@@ -372,6 +404,7 @@ def test_pretraining_continues_when_the_cohort_grows(tiny_cohort, ray_cluster, t
     assert rows[-1]["samples"] == 16
 
 
+@pytest.mark.slow
 def test_stage2_in_bf16(shards, tmp_path):
     """The paper's Stage II precision: DeepSpeed's bf16 engine with activation checkpointing, the tabular
     transformer's fp32 inputs, the CLIP loss gathered across ranks and the validation pass; finite, and it learns."""
@@ -454,6 +487,7 @@ print(train(load_config(PretrainConfig, sys.argv[1], sys.argv[2:])))
 '''
 
 
+@pytest.mark.slow
 def test_a_new_stage_registers_from_outside_the_trainer(shards, tmp_path):
     """A stage defined in a user's own script (not in pretrain/) trains through the one loop: registered by name,
     built, fed, logged with its own figure, checkpointed; an unregistered name is one config error."""

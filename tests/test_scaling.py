@@ -22,6 +22,8 @@ from core.vocab import DISEASES, PHENOTYPES
 from pretrain import data as D
 from pretrain.config import DataConfig
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = [str(2_000_000 + 7 * i) for i in range(40)]
 VAL_KEYS = [str(3_000_000 + i) for i in range(5)]

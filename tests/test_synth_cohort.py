@@ -71,6 +71,7 @@ def test_nifti_shapes_labels_affines(cohort):
                 assert s.shape == la.shape and set(np.unique(s)) == labels
 
 
+@pytest.mark.slow
 def test_dicom_reassembles_to_the_nifti(cohort):
     for d in sorted((cohort / "ukb").iterdir()):
         sa = read_ukb_dicom_zip(cohort / "ukb_dicom" / f"{d.name}_20209_2_0.zip")["sa"]
@@ -122,6 +123,7 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth_config.yaml"}
 
 
+@pytest.mark.slow
 def test_same_seed_byte_identical_whatever_the_worker_count(cohort, tmp_path):
     cfg = SynthConfig(out=tmp_path / "again", subjects=4, kspace_scans=8, seed=0, dicom=True, prevalence_scale=4.0,
                       kspace_format="mixed", kspace_size_scale=0.5, workers=1)
@@ -129,6 +131,7 @@ def test_same_seed_byte_identical_whatever_the_worker_count(cohort, tmp_path):
     assert _hashes(cohort) == _hashes(tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_different_seed_differs(tmp_path):
     a = generate(SynthConfig(out=tmp_path / "a", subjects=1, kspace_scans=1, seed=1, workers=1), progress=False)
     b = generate(SynthConfig(out=tmp_path / "b", subjects=1, kspace_scans=1, seed=2, workers=1), progress=False)

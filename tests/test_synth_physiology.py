@@ -43,6 +43,7 @@ def test_cycle_curves():
     assert c[0] == 0 and c.max() == pytest.approx(1.0, abs=0.01) and abs(phase[np.argmax(c)] - 0.33) < 0.03
 
 
+@pytest.mark.slow
 def test_couplings_measured_in_the_images():
     """Phenotypes measured from rendered short-axis label maps follow the latent physiology."""
     rows = []
