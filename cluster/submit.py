@@ -189,6 +189,8 @@ def plan_data_prep(dataset: str, config: Optional[str | Path], overrides: Sequen
     """A Ray cluster over the allocation runs `python -m data_prep <dataset>` (ukb | kspace)."""
     module = import_module(f"data_prep.{dataset}.job")  # the source's job module names its config
     cfg = load_config(module.JOB_CONFIG, config, list(overrides))
+    if cfg.src is None:
+        raise ConfigError("src is not set: the raw source directory (--src or src=...)")
     for key, path in (("src", cfg.src), ("tabular", getattr(cfg, "tabular", None))):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{key} {path}: no such file or directory")

@@ -35,13 +35,15 @@ class Manifest:
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, dataset: str | Path, kinds: tuple[str, ...] = DATASET_KINDS, setting: str = "dataset"
+    def load(cls, dataset: str | Path | None, kinds: tuple[str, ...] = DATASET_KINDS, setting: str = "dataset"
              ) -> "Manifest":
         """A converted dataset's manifest, checked: one ConfigError line naming the setting, the path and the
-        reason (missing folder, no or unreadable manifest, another kind of dataset than `kinds`)."""
+        reason (not set, missing folder, no or unreadable manifest, another kind of dataset than `kinds`)."""
+        hint = "convert one first: python -m data_prep ukb|kspace --out DIR"
+        if dataset is None:
+            raise ConfigError(f"{setting} is not set: name a converted dataset ({hint})")
         root = Path(dataset)
         path = root / "manifest.json"
-        hint = "convert one first: python -m data_prep ukb|kspace --out DIR"
         if not root.is_dir():
             raise ConfigError(f"{setting}: {root} does not exist ({hint})")
         if not path.is_file():

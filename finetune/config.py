@@ -47,7 +47,7 @@ class ProtocolConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    dataset: Path = Path("runs/demo/data/ukb")  # a converted dataset (manifest.json + store.zarr); its splits
+    dataset: Optional[Path] = None  # a converted dataset (manifest.json + store.zarr); its splits
     batch_size: int = 8
     workers: int = 2
     eval_all_frames: bool = True  # segmentation test: score every stored frame (T / frames passes), not only 5

@@ -44,6 +44,7 @@ import numpy as np
 
 from core.config import ConfigError, config_to_dict, load_config, save_resolved_config
 from core.fsutil import atomic_path, atomic_write_text
+from core.manifest import Manifest
 from finetune.data import SubjectDataset
 from finetune.embed import embed
 from finetune.figures import _figure, _save
@@ -91,8 +92,8 @@ class ProbeConfig:
 
 @dataclass
 class ScalingConfig:
-    dataset: Path = Path("runs/scaling/data/ukb")  # a converted UK Biobank dataset (manifest.json + store.zarr)
-    out: Path = Path("runs/scaling/study")
+    dataset: Optional[Path] = None  # a converted UK Biobank dataset (manifest.json + store.zarr); required
+    out: Path = Path("runs/scaling")
     pretrain_config: Path = Path("configs/pretrain/vita_stage1_demo.yaml")  # a Stage I (stage: mae) config
     pretrain_overrides: list[str] = field(default_factory=list)  # section.key=value for every run
     subjects: list[int] = field(default_factory=lambda: [50, 100, 200, 400])  # pretraining subsets (nested)
@@ -388,6 +389,7 @@ def plot(cfg: ScalingConfig, result: dict, path: Path) -> Path:
 
 def run_study(cfg: ScalingConfig) -> dict:
     out = Path(cfg.out)
+    Manifest.load(cfg.dataset, ("ukb",), "dataset")  # one line when it is not set, missing or not UK Biobank
     available = samples_per_epoch(cfg.dataset, "train")
     too_many = [n for n in cfg.subjects if n > available]
     if too_many:

@@ -104,7 +104,7 @@ class DataConfig:
     """The Stage I/II loader (`pretrain/data.py`): shards of a converted dataset, streamed per (rank, worker)."""
     # the converted dataset (data_prep's OUT, holding manifest.json): the loader reads its shard list from it and
     # streams infinitely, re-permuting the shards every epoch
-    dataset: Path = Path("runs/demo/data/ukb")
+    dataset: Optional[Path] = None
     shuffle_buffer: int = 64  # samples per (rank, worker) slot; it holds raw (compressed, ~10 MB) samples
     workers: int = 2  # DataLoader workers per rank; 0: load in the training process
     frames: int = 5  # evenly spaced of the stored frames (ViTa: 5 of 50); keep equal to model.frames

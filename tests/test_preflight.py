@@ -54,6 +54,9 @@ def test_pretrain_train_checks_before_it_starts(datasets, tmp_path, capsys):
         return _one_line(capsys, main(argv + (["--allow-cpu"] if allow_cpu else [])))
 
     d = datasets
+    # the library names no dataset of its own (no demo paths in defaults): a config without one says so
+    assert run("data.dataset=null") == ("config error: data.dataset is not set: name a converted dataset (convert one "
+                                        "first: python -m data_prep ukb|kspace --out DIR)")
     assert run(f"data.dataset={d['missing']}") == (f"config error: data.dataset: {d['missing']} does not exist "
                                                   "(convert one first: python -m data_prep ukb|kspace --out DIR)")
     assert f"{d['empty']}/manifest.json: no manifest" in run(f"data.dataset={d['empty']}")
@@ -80,6 +83,7 @@ def test_finetune_commands_check_before_they_start(datasets, tmp_path, capsys):
 
     d = datasets
     out = f"out={tmp_path / 'ft'}"
+    assert "data.dataset is not set" in _one_line(capsys, main(["train", "--config", str(FT), "data.dataset=null", out]))
     err = _one_line(capsys, main(["train", "--config", str(FT), f"data.dataset={d['kspace']}", out]))
     assert err == f"config error: data.dataset: {d['kspace']} is a 'kspace' dataset; this needs 'ukb'"
     err = _one_line(capsys, main(["train", "--config", str(FT), f"data.dataset={d['ukb']}", "task.name=modality_view",
@@ -99,3 +103,12 @@ def test_finetune_commands_check_before_they_start(datasets, tmp_path, capsys):
                                   "--out", str(tmp_path / "e.npz")]))
     assert f"--dataset: {d['junk']}/manifest.json: unreadable manifest" in err
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("job", ["ukb", "kspace"])
+def test_conversion_without_a_source_says_so(tmp_path, capsys, job):
+    from data_prep.__main__ import main
+
+    err = _one_line(capsys, main([job, "--out", str(tmp_path / "out"), "--quiet"]))
+    assert err == "config error: src is not set: the raw source directory (--src or src=...)"
+    assert not (tmp_path / "out").exists()

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from core.config import save_resolved_config
+from core.config import ConfigError, save_resolved_config
 from core.format import KSpaceSample
 from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes, run_job
 from data_prep.kspace.preprocess import MODALITIES, VIEWS, preprocess_kspace_file
@@ -26,7 +27,7 @@ from data_prep.kspace.source import parse_relpath, patient_key, sequence_key, st
 
 @dataclass
 class KSpaceJobConfig:
-    src: Path = Path("runs/demo/cohort/kspace")
+    src: Optional[Path] = None  # the raw k-space archive (required)
     size: int = 224  # MetaCLIP-CMR: images resized to 224 x 224
     keep_aspect: bool = False
     # CMRxRecon / MMCMR-427K acquire a 2x oversampled readout (512 samples for a 256-pixel field of view); the
@@ -44,6 +45,8 @@ class KSpaceJobConfig:
 
 
 def discover(src: Path, fully_sampled_only: bool = True) -> tuple[list[WorkItem], list[dict], list[str]]:
+    if src is None:
+        raise ConfigError("src is not set: the raw source directory (--src or src=...)")
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source directory does not exist")

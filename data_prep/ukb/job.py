@@ -19,13 +19,13 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from core.config import InputError, save_resolved_config
+from core.config import ConfigError, InputError, save_resolved_config
 from core.format import UKBSample
 from core.vocab import DISEASES, PHENOTYPES
 from data_prep.engine import ArraySpec, JobConfig, WorkItem, mean_input_bytes, run_job
 from data_prep.ukb.csv_export import read_ukb_csv
 from data_prep.ukb.diseases import disease_table
-from data_prep.ukb.feature_spec import load_feature_spec
+from data_prep.ukb.feature_spec import DEFAULT_SPEC_PATH, load_feature_spec
 from data_prep.ukb.features import extract_features, feature_schema, fit_stats
 from data_prep.ukb.preprocess import UKBPreprocessConfig, preprocess
 from data_prep.ukb.nifti import read_ukb_dicom_study, read_ukb_nifti_dir
@@ -35,9 +35,9 @@ _ZIP_RE = re.compile(r"^(\d+)_(20208|20209)_(\d+)_(\d+)\.zip$")
 
 @dataclass
 class UKBJobConfig:
-    src: Path = Path("runs/demo/cohort/ukb")
+    src: Optional[Path] = None  # the raw cine: ukbb_cardiac NIfTI folders or the bulk DICOM zips (required)
     tabular: Optional[Path] = None  # the UK Biobank CSV export; None: images only
-    features: Path = Path("configs/data_prep/ukb_features.yaml")
+    features: Optional[Path] = None  # the tabular feature spec; None: the project's (configs/data_prep/ukb_features.yaml)
     layout: Literal["auto", "nifti", "dicom"] = "auto"
     job: JobConfig = field(default_factory=lambda: JobConfig(out=Path("data/ukb/converted")))
     preprocess: UKBPreprocessConfig = field(default_factory=UKBPreprocessConfig)
@@ -45,6 +45,8 @@ class UKBJobConfig:
 
 def discover(src: Path, layout: str = "auto") -> tuple[list[WorkItem], list[dict], list[str]]:
     """-> work items (one per eid), skipped inputs (with reasons), ignored files (other visits, stray files)."""
+    if src is None:
+        raise ConfigError("src is not set: the raw source directory (--src or src=...)")
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source directory does not exist")
@@ -119,7 +121,7 @@ def geometry(p: UKBPreprocessConfig) -> dict:
 def run(cfg: UKBJobConfig, progress: bool = True):
     """Discover, attach tabular rows, convert on Ray, and version the training statistics in the manifest."""
     items, skipped, ignored = discover(cfg.src, cfg.layout)
-    spec = load_feature_spec(cfg.features)
+    spec = load_feature_spec(cfg.features or DEFAULT_SPEC_PATH)
     save_resolved_config(cfg, cfg.job.out, "ukb_config.yaml")
     raw, eids, csv_info = None, [], {}
     if cfg.tabular is not None:
