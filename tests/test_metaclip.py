@@ -258,7 +258,8 @@ def test_metaclip_in_bf16_with_the_pretrained_text_encoder_and_resnet50(kspace24
     assert sorted(train) == [3, 6] and sorted(val) == [6]
     assert all(np.isfinite(r["loss"]) for r in train.values()) and all(np.isfinite(v["loss"]) for v in val.values())
     assert all(0 < r["loss"] < 10 for r in train.values())  # a soft-label CLIP loss over a batch, not a blow-up
-    assert 0 <= val[6]["image_to_text_top1"] <= 1 and 0 <= val[6]["text_to_image_top1"] <= 1
+    # the validation pass ran in bf16 over every sentence: its counts, not a learning claim (6 steps)
+    assert val[6]["n"] > 0 and val[6]["sentences"] > 1 and np.isfinite(val[6]["image_to_text_top1"])
 
 
 def test_batchnorm_runs_in_fp32_next_to_bf16_weights():

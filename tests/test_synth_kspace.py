@@ -331,12 +331,12 @@ def test_read_errors_name_the_file(tmp_path: Path):
 # ---------------------------------------------------------------------------- timing
 
 
-def test_generation_time_32_default(tmp_path: Path):
+def test_32_scans_at_the_default_size(tmp_path: Path):
+    """32 distinct files at the default size (the time it takes is printed, not asserted: speed is bench/'s)."""
     plan = K.plan_kspace_scans(32, seed=0)
     t0 = time.perf_counter()
     rows = [K.write_scan(tmp_path, s) for s in plan]
     dt = time.perf_counter() - t0
     nbytes = sum((tmp_path / r["relpath"]).stat().st_size for r in rows)
     print(f"\n[synth kspace] 32 scans at default size: {dt:.1f} s, {nbytes / 1e6:.0f} MB on disk (v7.3)")
-    assert len({r["relpath"] for r in rows}) == 32
-    assert dt < 60.0  # target: well under 30 s single process
+    assert len({r["relpath"] for r in rows}) == 32 and all((tmp_path / r["relpath"]).is_file() for r in rows)
