@@ -124,10 +124,12 @@ $(SCALING_DIR)/data/ukb/manifest.json: $(SCALING_DIR)/cohort/synth_config.yaml
 	$(BIN)/python -m data_prep ukb --config configs/data_prep/ukb_scaling.yaml --src $(SCALING_DIR)/cohort/ukb \
 		--tabular $(SCALING_DIR)/cohort/ukb_tabular.csv --out $(SCALING_DIR)/data/ukb
 
-# a real one-node SLURM (slurm-wlm + munge) for the cluster tests; without root / packages they skip, unless
-# CMRFM_REQUIRE_SLURM is set (CI): then a cluster that cannot start fails here, and any SLURM test fails, not skips
+# a real one-node SLURM (slurm-wlm + munge) and a real two-node one (two slurmd in network namespaces) for the
+# cluster tests; without root / packages they skip, unless CMRFM_REQUIRE_SLURM is set (CI): then a cluster that
+# cannot start fails here, and any SLURM test fails, not skips
 slurm:
 	bash cluster/local_slurm.sh install && bash cluster/local_slurm.sh start \
+		&& bash cluster/local_slurm_two_nodes.sh start \
 		|| { [ -z "$$CMRFM_REQUIRE_SLURM" ] && echo "no local SLURM cluster: the SLURM tests will be skipped"; }
 
 # CMRFM_SLURM_TIMELIMIT=1: also the ~3 min test of a job that reaches its real SLURM time limit

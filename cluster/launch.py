@@ -399,9 +399,12 @@ def submit(cfg: SlurmConfig, kind: str, folder: Path, fns: Sequence[Callable], j
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     said = io.StringIO()  # submitit prints sbatch's stderr itself on a refusal: the one line below says it
+    conf = os.environ.get("SLURM_CONF")  # which cluster: a site setting, not the allocation's (clean_env drops it)
     try:
         with submitit.helpers.clean_env(), contextlib.redirect_stderr(said):  # (a job submitted from inside an
-            if name == "local":  # allocation must not inherit its SLURM_*)
+            if conf:  # allocation must not inherit its SLURM_*)
+                os.environ["SLURM_CONF"] = conf
+            if name == "local":
                 jobs = _submit_local(ex, folder, fns)
             elif len(fns) == 1:
                 jobs = [ex.submit(fns[0])]

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Union
@@ -113,6 +114,7 @@ class BlockResult:
     rows: list[int]  # their Zarr rows
     quarantined: list[dict]
     shard: Optional[dict]  # path, split, samples, sha256, bytes — None when nothing was written
+    node: str = ""  # the address of the Ray node that converted it (the summary counts blocks per node)
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -162,6 +164,16 @@ def _sha256(path: Path) -> str:
 
 def _store_path(out: Path) -> Path:
     return out / STORE
+
+
+def _node_address() -> str:
+    """This Ray node's address ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else ""
+    except Exception:  # the record is informative; it never fails a block
+        return ""
 
 
 def run_block(dataset: Dataset, block: Block, out: str, block_size: int) -> BlockResult:
@@ -230,7 +242,7 @@ def run_block(dataset: Dataset, block: Block, out: str, block_size: int) -> Bloc
     meta_path = out / "meta" / f"block-{block.id:06d}.jsonl"
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metas))
-    return BlockResult(block.id, block.split, written, rows, quarantined, shard)
+    return BlockResult(block.id, block.split, written, rows, quarantined, shard, _node_address())
 
 
 def probe_item(dataset: Dataset, item: WorkItem) -> Optional[str]:
@@ -560,6 +572,9 @@ def format_summary(report: RunReport, out: Path, source_bytes_per_input: Optiona
             sizes += f", source {source_bytes_per_input / 2**20:.2f} MiB"
         lines.append(sizes)
         lines.append(f"  manifest: {Path(out) / MANIFEST}")
+        nodes = Counter(r.node for r in report.results if r.node)
+        if len(nodes) > 1:  # a Ray cluster over several machines: who converted what
+            lines.append("  blocks per node: " + ", ".join(f"{n} {k}" for n, k in sorted(nodes.items())))
         if split_warning(m):
             lines.append(split_warning(m))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -114,6 +115,16 @@ def _trim_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(f"{line}\n" for line in keep))
         print(f"[pretrain] {path}: {len(lines) - len(keep)} rows after step {step} dropped (they are rerun)",
               flush=True)
+
+
+def _hold_for_tests(step: int, stop: "StopSignal") -> None:
+    """Fault injection (tests): CMRFM_HOLD_AT_STEP=<step>:<release file> holds every rank after that step's log
+    line until a stop signal arrives or the file exists, so a test's signal lands at a known step whatever the
+    machine's speed (like CMRFM_KILL_IN_SAVE in `checkpoint.save`)."""
+    at, _, release = os.environ.get("CMRFM_HOLD_AT_STEP", "").partition(":")
+    if at and step == int(at):
+        while not stop.received and not Path(release).exists():
+            time.sleep(0.05)
 
 
 class StopSignal:
@@ -287,6 +298,7 @@ def train(cfg: PretrainConfig) -> dict:
                         writer.add_scalar(f"val/{k}", v, step)
                 print(f"[pretrain] step {step} validation: " + " ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()), flush=True)
+        _hold_for_tests(step, stop)
         # every 10 steps (not every step: the all-reduce is a device sync); all ranks decide alike
         signalled = step % 10 == 0 and stop.any_rank(device)
         if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:

@@ -337,21 +337,26 @@ def test_two_task_pretraining_job_completes_with_a_checkpoint(run_a):
 @pytest.mark.slurm
 def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
     """SIGUSR2 mid-run (what SLURM sends `signal_delay_s` before the time limit, and on preemption): the trainer
-    saves at the next step multiple of 10, the job requeues itself, the next run resumes from that checkpoint."""
+    saves at the next step multiple of 10, the job requeues itself, the next run resumes from that checkpoint.
+    The ranks hold after step 10 until the signal (CMRFM_HOLD_AT_STEP), so it lands there on any machine."""
     from cluster.launch import scontrol_job, wait
     from pretrain.export import consolidated_state_dict
 
     t0 = time.time()
-    jid, rec, run = _submit_training(tmp_path, "b", ukb_job.out, *STEPS)
+    release = tmp_path / "release"
+    jid, rec, run = _submit_training(tmp_path, "b", ukb_job.out, *STEPS,
+                                     f"slurm.env={{CMRFM_HOLD_AT_STEP: '10:{release}'}}", rows=10)
     try:
         t_sig = time.time()
         subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
+        time.sleep(3)
+        release.touch()  # a rank the signal missed goes on to the check, where the others' signal reaches it
         results = wait(rec, timeout_s=300)[jid]
     finally:
         subprocess.run(["scancel", jid], capture_output=True, timeout=30)
     t_end = time.time()
     requeues = [json.loads(line) for line in (rec.folder / "requeues.jsonl").read_text().splitlines()]
-    assert len(requeues) == 1 and requeues[0]["signal"] == "SIGUSR2" and requeues[0]["step"] in range(10, N, 10), requeues
+    assert len(requeues) == 1 and requeues[0]["signal"] == "SIGUSR2" and requeues[0]["step"] == 10, requeues
     assert [r["step"] for r in results] == [N, N] and [r["restarts"] for r in results] == [1, 1], results
     assert all(r["stopped"] is None for r in results)  # the result of the last run
     info = scontrol_job(jid)
