@@ -117,14 +117,12 @@ def _trim_metrics(path: Path, step: int) -> None:
               flush=True)
 
 
-def _hold_for_tests(step: int, stop: "StopSignal") -> None:
+def _test_hold() -> tuple[int, Path] | None:
     """Fault injection (tests): CMRFM_HOLD_AT_STEP=<step>:<release file> holds every rank after that step's log
     line until a stop signal arrives or the file exists, so a test's signal lands at a known step whatever the
-    machine's speed (like CMRFM_KILL_IN_SAVE in `checkpoint.save`)."""
+    machine's speed (like CMRFM_KILL_IN_SAVE in `checkpoint.save`). Read once, before the loop."""
     at, _, release = os.environ.get("CMRFM_HOLD_AT_STEP", "").partition(":")
-    if at and step == int(at):
-        while not stop.received and not Path(release).exists():
-            time.sleep(0.05)
+    return (int(at), Path(release)) if at else None
 
 
 class StopSignal:
@@ -241,6 +239,7 @@ def train(cfg: PretrainConfig) -> dict:
                 None)
     tokens = num_tokens(cfg.model)
     stop = StopSignal()
+    hold = _test_hold()
     quality = stage.quality
     batches = iter(loader)
     eval_cache: dict = {}
@@ -298,7 +297,9 @@ def train(cfg: PretrainConfig) -> dict:
                         writer.add_scalar(f"val/{k}", v, step)
                 print(f"[pretrain] step {step} validation: " + " ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()), flush=True)
-        _hold_for_tests(step, stop)
+        if hold is not None and step == hold[0]:
+            while not stop.received and not hold[1].exists():
+                time.sleep(0.05)
         # every 10 steps (not every step: the all-reduce is a device sync); all ranks decide alike
         signalled = step % 10 == 0 and stop.any_rank(device)
         if step % cfg.checkpoint.every_steps == 0 or step == total_steps or signalled:
