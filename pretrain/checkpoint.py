@@ -54,6 +54,15 @@ def saved_world_size(ckpt_dir: Path, tag: str) -> int:
     return json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"]
 
 
+def needs_universal(ckpt_dir: Path, tag: Optional[str], world_size: int) -> bool:
+    """Whether resuming `tag` on `world_size` ranks needs its universal conversion: it was saved on another number
+    of ranks with its optimizer state partitioned (ZeRO-1/2/3, or bf16's optimizer). A ZeRO-0 fp32 checkpoint holds
+    the whole state in one file every rank loads as it is (the conversion tool refuses it)."""
+    if tag is None or saved_world_size(ckpt_dir, tag) == world_size:
+        return False
+    return any((Path(ckpt_dir) / tag).glob("*optim_states.pt"))
+
+
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Collective. Convert a checkpoint to DeepSpeed's universal format (once, by rank 0, into a temp dir that is
     renamed when complete) so that it loads on another number of ranks; returns the universal tag."""
@@ -65,8 +74,12 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     if dist.get_rank() == 0 and not (ckpt_dir / utag).exists():
         tmp = ckpt_dir / f".{utag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(ckpt_dir / tag), "--output_folder", str(tmp)], check=True, capture_output=True)
+        res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                              str(ckpt_dir / tag), "--output_folder", str(tmp)], capture_output=True, text=True)
+        if res.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed's universal conversion (needed to resume on another "
+                               f"number of ranks) failed with exit status {res.returncode}:\n{res.stderr[-3000:]}")
         tmp.rename(ckpt_dir / utag)
     dist.barrier()
     return utag

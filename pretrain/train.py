@@ -99,6 +99,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, encoder_lr_scale: 
     return out
 
 
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world: int, steps_per_epoch: int,
+                 universal: bool = False):
+    """The DeepSpeed engine a run trains with: AdamW over `param_groups`, the warm-up + cosine schedule, ZeRO as
+    configured. `universal`: the checkpoint to resume from was saved on another number of ranks, so the engine loads
+    its universal conversion (`checkpoint.load`)."""
+    import deepspeed  # (slow to import: only where an engine is built)
+
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.encoder_lr_scale)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g.pop("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    ds_config = deepspeed_config(cfg, world)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop the rows of steps after `step` (the checkpoint resumed from) from metrics.jsonl, atomically."""
     if not path.is_file():
@@ -165,8 +185,6 @@ def preflight(cfg: PretrainConfig, check_device: bool = True) -> Manifest:
 
 
 def train(cfg: PretrainConfig) -> dict:
-    import deepspeed
-
     from pretrain.data import build_loader
 
     manifest = preflight(cfg)
@@ -194,20 +212,10 @@ def train(cfg: PretrainConfig) -> dict:
                           seed=cfg.train.seed, frames=cfg.model.frames, transform=stage.transform(cfg, manifest, True))
     steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
     total_steps = cfg.train.epochs * steps_per_epoch
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.encoder_lr_scale)
-    for g in groups:
-        g["lr"] = cfg.optim.lr * g.pop("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    ds_config = deepspeed_config(cfg, world)
     say = (lambda msg: print(f"[pretrain] {msg}", flush=True)) if rank == 0 else None
     tag = checkpoint.latest_tag(ckpt_dir, say) if cfg.checkpoint.resume == "auto" else None
-    universal = tag is not None and checkpoint.saved_world_size(ckpt_dir, tag) != world
-    if universal:  # another number of ranks than the checkpoint's: load its universal conversion
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    universal = checkpoint.needs_universal(ckpt_dir, tag, world)
+    engine = build_engine(cfg, model, world, steps_per_epoch, universal)
     gas = engine.gradient_accumulation_steps()
 
     # --- resume ---

@@ -283,7 +283,9 @@ def test_one_process_without_a_launcher_saves_on_a_signal_and_resumes(shards, tm
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
-    """Through DeepSpeed's universal checkpoint conversion; the data stream continues by global sample count."""
+    """The trainer's path through DeepSpeed's universal checkpoint conversion; the data stream continues by global
+    sample count. (That weights and optimizer state come back exactly, for every ZeRO stage and stage:
+    tests/test_universal_checkpoint.py.)"""
     run = tmp_path / "run"
     _run(run, shards, "train.epochs=2", "train.samples_per_epoch=16", nproc=before)
     first = _metrics(run)
