@@ -384,12 +384,17 @@ def test_requeued_job_resumes_to_the_same_final_state(run_a, ukb_job, tmp_path):
 @pytest.mark.slurm
 def test_external_requeue_is_recorded_and_resumes_exactly(run_a, ukb_job, tmp_path):
     """`scontrol requeue` from outside (an operator, a preemption): SLURM stops the job and brings it back; the
-    next run records the requeue in requeues.jsonl (and `cluster status` shows it) and resumes bit for bit."""
+    next run records the requeue in requeues.jsonl (and `cluster status` shows it) and resumes bit for bit.
+    The ranks hold after step 2 (CMRFM_HOLD_AT_STEP) until the requeue has been issued, so it lands mid-run on any
+    machine; the release file lets the requeued run through."""
     from cluster.launch import wait
 
-    jid, rec, run = _submit_training(tmp_path, "e", ukb_job.out, *STEPS)
+    release = tmp_path / "release"
+    jid, rec, run = _submit_training(tmp_path, "e", ukb_job.out, *STEPS,
+                                     f"slurm.env={{CMRFM_HOLD_AT_STEP: '2:{release}'}}", rows=2)
     try:
         subprocess.run(["scontrol", "requeue", jid], check=True, timeout=30)
+        release.touch()
         results = wait(rec, timeout_s=400)[jid]
     finally:
         subprocess.run(["scancel", jid], capture_output=True, timeout=30)

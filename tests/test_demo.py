@@ -111,6 +111,8 @@ def test_make_demo_interrupted_with_ctrl_c_then_resumed(tmp_path):
     assert "phenotypes_logistic" in report and 0.0 <= summary["diseases"]["phenotype_reference_mean_auroc"] <= 1.0
     assert set(summary["label_efficiency"]["mae_ratio"]["vita"]) == {"0.1", "0.25", "0.5", "1"}
     assert set(summary["segmentation"]["volume_dice"]) == {"LV", "MYO", "RV", "LA", "RA"}
+    assert set(summary["segmentation"]["fixed_mask_volume_dice"]) == {"LV", "MYO", "RV", "LA", "RA"}
+    assert "| fixed mask |" in report
     targets = report[report.index("## Targets"):]
     assert f"{sum(t['met'] for t in summary['targets'])} of {len(summary['targets'])} met" in targets
     for t in summary["targets"]:

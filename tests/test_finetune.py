@@ -60,18 +60,31 @@ def test_phenotypes_beat_mean_guess_and_write_the_report(cohort60, tmp_path):
 def test_segmentation_learns_all_planes(cohort60, tmp_path):
     from finetune.train import fit
 
-    run = fit(_cfg(cohort60, tmp_path / "seg", "task.name=segmentation", "optim.epochs=25", "optim.lr=3e-3",
-                   "data.batch_size=2", "task.seg_class_weighting=true"), progress=False)
+    # the demo's settings (Makefile, configs/finetune/demo.yaml)
+    run = fit(_cfg(cohort60, tmp_path / "seg", "task.name=segmentation", "optim.epochs=20", "optim.lr=3e-3",
+                   "data.batch_size=2", "task.seg_class_weighting=true", "task.seg_decoder_dim=128"), progress=False)
     per, vol = run["test"]["per_structure"], run["test"]["volume_dice"]
     assert set(per) == set(vol) == {"LV", "MYO", "RV", "LA", "RA"}
     # all-frame evaluation: shifted passes over the stored frames
     assert 5 < run["test"]["frames_scored"] <= run["test"]["frames_stored"]
-    # every structure is learned, the atria (labelled on the long-axis views only) included: volume Dice well above
-    # what any trivial prediction scores (0 for all-background; a structure painted everywhere scores < 0.2 here)
-    assert all(vol[s]["dice"] > 0.6 for s in vol), vol
+    # every structure is learned, the atria (labelled on the long-axis views only) included: volume Dice above the
+    # best fixed mask, the per-pixel majority label of the test subjects' own truths (per plane and frame; it knows
+    # the test split, so no mask that ignores the image scores more). The crops are centred on the heart, so
+    # position alone scores 0.6-0.9 here; measured margins: LV +0.07, MYO +0.28, RV +0.13, LA +0.04, RA +0.025
+    out = tmp_path / "seg"
+    base = run["test"]["fixed_mask_volume_dice"]
+    assert "| fixed mask |" in (out / "report.md").read_text()
+    # the baseline recomputed here for the LV (label 1) on the short-axis stack (planes 0-2), per subject
+    sa = np.load(out / "predictions" / "true.npy")[:, :3]  # (subjects, planes, frames, H, W)
+    fixed = np.stack([(sa == c).sum(0) for c in range(6)]).argmax(0) == 1  # the most frequent label is the LV
+    lv = [2 * (fixed & (t == 1)).sum() / (fixed.sum() + (t == 1).sum()) for t in sa]
+    assert abs(np.mean(lv) - base["LV"]["dice"]) < 1e-9, (np.mean(lv), base["LV"])
+    print("volume Dice", {s: round(vol[s]["dice"], 3) for s in vol}, "best fixed mask",
+          {s: round(base[s]["dice"], 3) for s in base})
+    assert all(vol[s]["dice"] > base[s]["dice"] + 0.01 for s in vol), (vol, base)
+    assert all(vol[s]["dice"] > base[s]["dice"] + 0.05 for s in ("LV", "MYO", "RV")), (vol, base)
     assert vol["LA"]["n"] == 2 * 11 and vol["RA"]["n"] == 11 and vol["LV"]["n"] == 11  # volumes per subject
     assert all(np.isfinite(per[s]["hd95"]) for s in ("LV", "MYO", "RV")), per
-    out = tmp_path / "seg"
     assert (out / "figures" / "segmentation.png").is_file()
     assert np.load(out / "predictions" / "pred.npy", mmap_mode="r").shape[:2] == (11, 6)
     # per-subject NIfTI predictions with the stored geometry, listed in predictions.csv
@@ -187,24 +200,43 @@ def test_embed_cli_writes_one_embedding_per_subject(cohort60, tmp_path):
     assert np.isfinite(z["embeddings"]).all() and z["embeddings"].std(0).mean() > 0
 
 
-def test_modality_view_probe_then_finetune_from_a_metaclip_style_encoder(kspace24, tmp_path, ray_cluster):
-    """MetaCLIP-CMR's downstream protocol (Probe+FT) on k-space sequences with train / val / test splits."""
+def test_modality_view_probe_then_finetune_learns_both_labels(tmp_path, ray_cluster):
+    """MetaCLIP-CMR's downstream protocol (Probe+FT) on 96 k-space sequences (every modality and view) with train /
+    val / test splits: the held-out balanced accuracies are well above what any constant prediction scores."""
+    import csv
+
     from data_prep.engine import JobConfig
     from data_prep.kspace.job import KSpaceJobConfig, run
     from finetune.train import fit
 
-    src = Path(json.loads((kspace24 / "manifest.json").read_text())["source"])
+    src = tmp_path / "synth"
+    res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "1",
+                          "--kspace-scans", "96", "--quiet", "kspace_size_scale=0.5", "kspace_format=mixed"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
     ds = tmp_path / "ks"
-    report, _ = run(KSpaceJobConfig(src=src, size=32, job=JobConfig(out=ds, block_size=2, workers=2,
-                                                                      val_fraction=0.25, test_fraction=0.25)),
+    report, _ = run(KSpaceJobConfig(src=src / "kspace", size=32, job=JobConfig(out=ds, block_size=4, workers=2,
+                                                                             val_fraction=0.25, test_fraction=0.25)),
                     progress=False)
-    assert report.counts["written"] == 24
+    assert report.counts["written"] == 96
+    # the demo's settings (Makefile): standardised features, the encoder at the heads' learning rate
     res = fit(_cfg(ds, tmp_path / "mv", "task.name=modality_view", "protocol.kind=probe_finetune",
-                   "protocol.probe_epochs=2", "optim.epochs=4"), progress=False)
+                   "protocol.probe_epochs=4", "optim.epochs=40", "optim.lr=3e-3", "protocol.encoder_lr_scale=1.0",
+                   "task.feature_norm=batchnorm"), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "mv" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == [0, 0, 1, 1]  # frozen probe, then fine-tuning
-    t = res["test"]
-    assert 0.0 <= t["modality_accuracy"] <= 1.0 and 0.0 <= t["view_accuracy"] <= 1.0
+    assert [r["phase"] for r in rows] == [0] * 4 + [1] * 36  # frozen probe, then fine-tuning
+    assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"], [r["train_loss"] for r in rows]
+    t, n_test = res["test"], res["n"]["test"]
+    with open(tmp_path / "mv" / "predictions.csv") as f:
+        pred = list(csv.DictReader(f))
+    assert len(pred) == n_test >= 20
+    # a constant prediction's balanced accuracy is 1 / (the classes in the test split); three seeds scored modality
+    # 0.65-0.73 over 5 classes and view 0.38-0.63 over the single-view sequences
+    k_modality = len({r["modality_true"] for r in pred})
+    k_view = len({r["view_true"] for r in pred if r["view_true"]})
+    assert k_modality >= 4 and k_view >= 3, (k_modality, k_view)
+    assert t["modality_balanced_accuracy"] > 1 / k_modality + 0.25, (t, k_modality)
+    assert t["view_balanced_accuracy"] > 1 / k_view + 0.1, (t, k_view)
     assert "modality_accuracy" in (tmp_path / "mv" / "report.md").read_text()
 
 

@@ -33,6 +33,17 @@ def shards(tiny_cohort, tmp_path_factory, ray_cluster) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def stage1_export(shards, tmp_path_factory) -> Path:
+    """A Stage I run (2 ranks, 2 epochs) exported by the command line, shared by the tests that start from one."""
+    stage1 = tmp_path_factory.mktemp("stage1_export")
+    _run(stage1, shards, "train.epochs=2", "train.samples_per_epoch=16")
+    res = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(stage1)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return stage1
+
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"})
@@ -302,12 +313,8 @@ STAGE2 = ROOT / "configs/pretrain/vita_stage2_tiny.yaml"
 
 
 @pytest.mark.slow
-def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path):
-    stage1 = tmp_path / "stage1"
-    _run(stage1, shards, "train.epochs=2", "train.samples_per_epoch=16")
-    res = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(stage1)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, stage1_export, tmp_path):
+    stage1 = stage1_export
     stage2 = tmp_path / "stage2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
            "train", "--config", str(STAGE2), f"checkpoint.dir={stage2}", f"data.dataset={shards}",
@@ -353,18 +360,15 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, tmp_path)
 
 
 @pytest.mark.slow
-def test_stage2_encoder_init_loads_the_export_exactly(shards, tmp_path):
+def test_stage2_encoder_init_loads_the_export_exactly(shards, stage1_export, tmp_path):
     from safetensors.torch import load_file
 
     from core.config import load_config
     from pretrain.config import PretrainConfig
     from core.manifest import Manifest
-    from pretrain.export import export_encoder
     from pretrain.stages import get_stage
 
-    stage1 = tmp_path / "stage1"
-    _run(stage1, shards, "train.epochs=1", "train.samples_per_epoch=16", nproc=1)
-    export_encoder(stage1)
+    stage1 = stage1_export
     cfg = load_config(PretrainConfig, STAGE2, [f"data.dataset={shards}", f"checkpoint.init_from={stage1}"])
     stage2 = get_stage("tabular_clip")
     model = stage2.build_model(cfg, Manifest.load(shards))
