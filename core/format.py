@@ -1,9 +1,9 @@
 """The on-disk sample format: the one contract between the data_prep writers and every reader.
 
-A UK Biobank subject and a k-space sequence are each one sample. In WebDataset shards a sample is a group of
-tar members sharing a key (`<key>.image.arr`, `<key>.meta.json`, ...); in the Zarr store it is an index
-along the leading axis of fixed-shape arrays. Both are produced from the dataclasses below and read back into
-them, so a reader gets exactly what preprocessing produced.
+A UK Biobank subject, a k-space sequence and a short-axis segmentation case are each one sample. In WebDataset
+shards a sample is a group of tar members sharing a key (`<key>.image.arr`, `<key>.meta.json`, ...); in the Zarr
+store it is an index along the leading axis of fixed-shape arrays. Both are produced from the dataclasses below and
+read back into them, so a reader gets exactly what preprocessing produced.
 
 Arrays in shards are Blosc/Zstd-compressed with bit-shuffle (numcodecs) behind a tiny self-describing header,
 so a shard member decodes without any side information. Light imports only (numpy, numcodecs): the training
@@ -138,6 +138,17 @@ class KSpaceSample(_Sample):
     meta: dict = field(default_factory=dict)  # modality, views, center, vendor, field strength, model, texts
 
 
+@dataclass
+class SaxSample(_Sample):
+    """One cine short-axis case of a segmentation benchmark (ACDC, M&Ms): T frames x Z slices of S x S images on a
+    fixed in-plane grid, and the labels of its ED and ES frames (the other frames are images only, never scored)."""
+
+    key: str  # "<dataset>/<case>", e.g. "acdc/patient001", "mnms/A0S9V9"
+    image: np.ndarray  # (T, Z, S, S) float16 in [0, 1]
+    seg: np.ndarray  # (2, Z, S, S) uint8, LABELS space: ED, ES
+    meta: dict = field(default_factory=dict)  # dataset, published split, ed / es (0-based), spacing, vendor, ...
+
+
 # --- the Zarr store ----------------------------------------------------------------------------------------------
 class StoreReader:
     """Random access to a converted dataset (`OUT/` with manifest.json, store.zarr, meta/), by key or row.
@@ -177,6 +188,12 @@ class StoreReader:
                          seg=g["seg"].get_orthogonal_selection(sel), seg_valid=g["seg_valid"][r],
                          tabular=g["tabular"][r], diseases=g["diseases"][r], phenotypes=g["phenotypes"][r],
                          meta=self.meta(key))
+
+    def sax(self, key: str) -> SaxSample:
+        g, r = self.group, self.rows[key]
+        t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
+        image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
+        return SaxSample(key=key, image=image, seg=g["seg"][r, :, :z], meta=self.meta(key))
 
     def kspace(self, key: str) -> KSpaceSample:
         g, r = self.group, self.rows[key]

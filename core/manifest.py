@@ -15,7 +15,7 @@ from typing import Optional
 
 from core.config import ConfigError
 
-DATASET_KINDS = ("ukb", "kspace")  # manifest["dataset"]: what `python -m data_prep ukb|kspace` wrote
+DATASET_KINDS = ("ukb", "kspace", "sax")  # manifest["dataset"]: what `python -m data_prep ukb|kspace|sax` wrote
 
 #: The k-space conversion settings that decide a stored sequence (`data_prep.kspace.job.KSpaceJobConfig`).
 KSPACE_PREPROCESS = ("size", "keep_aspect", "readout_oversampling")
@@ -39,7 +39,7 @@ class Manifest:
              ) -> "Manifest":
         """A converted dataset's manifest, checked: one ConfigError line naming the setting, the path and the
         reason (not set, missing folder, no or unreadable manifest, another kind of dataset than `kinds`)."""
-        hint = "convert one first: python -m data_prep ukb|kspace --out DIR"
+        hint = "convert one first: python -m data_prep ukb|kspace|sax --out DIR"
         if dataset is None:
             raise ConfigError(f"{setting} is not set: name a converted dataset ({hint})")
         root = Path(dataset)

@@ -14,6 +14,11 @@ SOURCE_LABEL_MAPS = {  # ukbb_cardiac label -> unified label, per plane kind
     "la_2ch": {1: 4},
     "la_4ch": {1: 4, 2: 5},
 }
+# cine short-axis segmentation datasets as published -> unified label (ACDC: 1 RV, 2 MYO, 3 LV; M&Ms: 1 LV, 2 MYO,
+# 3 RV): the two conventions disagree on LV and RV
+SAX_LABEL_MAPS = {"acdc": {1: LABELS.index("RV"), 2: LABELS.index("MYO"), 3: LABELS.index("LV")},
+                  "mnms": {1: LABELS.index("LV"), 2: LABELS.index("MYO"), 3: LABELS.index("RV")}}
+SAX_STRUCTURES = ("LV", "MYO", "RV")
 DISEASES = ("cad", "infarct", "hypertension", "high_blood_pressure", "diabetes", "stroke")
 PHENOTYPES = ("LVEDV", "LVESV", "LVSV", "LVEF", "LVCO", "LVM", "RVEDV", "RVESV", "RVSV", "RVEF",
               "LAVmax", "LAVmin", "LASV", "LAEF", "RAVmax", "RAVmin", "RASV", "RAEF")

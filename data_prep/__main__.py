@@ -14,6 +14,8 @@ EPILOG = """examples:
   python -m data_prep kspace --src data/synth/kspace --out data/kspace --workers 2
   python -m data_prep synth --config configs/data_prep/synth_tiny.yaml --dicom
   python -m data_prep synth --out data/big prevalence_scale=3 kspace_format=mixed
+  python -m data_prep synth --out data/sax --subjects 0 --kspace-scans 0 --acdc 30 --mnms 30 sax_size_scale=0.5
+  python -m data_prep sax --src data/sax/acdc --out data/acdc layout=acdc crop=64 spacing_mm=3
 """
 
 
@@ -22,7 +24,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     # convenience flags are just overrides, so one validation path applies to all of them
     flags = {"out": args.out, "subjects": args.subjects, "kspace_scans": args.kspace_scans, "seed": args.seed,
-             "workers": args.workers}
+             "workers": args.workers, "acdc": args.acdc, "mnms": args.mnms}
     args.overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.dicom:
         args.overrides.append("dicom=true")
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, help="number of UK Biobank subjects (default 64)")
     s.add_argument("--kspace-scans", type=int, help="number of k-space files (default 32)")
     s.add_argument("--seed", type=int, help="cohort seed (default 0)")
+    s.add_argument("--acdc", type=int, help="cine SAX segmentation cases in the ACDC layout (default 0)")
+    s.add_argument("--mnms", type=int, help="cine SAX segmentation cases in the M&Ms layout (default 0)")
     s.add_argument("--dicom", action="store_true", help="also write the raw UK Biobank DICOM zips")
     s.add_argument("--workers", type=int, help="processes (default: one per core)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Reconstruct raw multi-coil k-space files (MATLAB v7.3 or v5, CMRxRecon / MMCMR-427K layout) "
                     "into z-scored 224x224 image sequences with their acquisition metadata and MetaCLIP-CMR "
                     "texts, written as WebDataset shards and a Zarr store.")
+    _add_job_parser(sub, "sax", _convert("sax"), "convert ACDC or M&Ms (as published) to shards + Zarr",
+                    "Convert a cine short-axis segmentation benchmark in its published layout (layout=acdc: "
+                    "database/{training,testing}/patientNNN with Info.cfg; layout=mnms: OpenDataset/Training/"
+                    "Labeled and Testing with the dataset information CSV) into WebDataset shards and a Zarr store: "
+                    "every frame as image, labels at ED and ES in the project's label space, the published "
+                    "train / test split.")
     return p
 
 

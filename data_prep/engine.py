@@ -14,6 +14,8 @@ skipped unless their files changed.
 
 Splits (`manifest["split_scheme"]`, fixed when a dataset is created; a manifest without one is "hash"):
   - "hash" (UK Biobank): a hash of the key (`format.split_of`), a function of the key alone;
+  - "published" (ACDC, M&Ms): the source's own train / test sets (`WorkItem.published`, the benchmark's test set
+    as published), validation drawn from its training set by the key's hash (`val_fraction`);
   - "stratified" (k-space): inputs carry a `group` (the patient) and a `stratum` ((modality, view)); a group's
     inputs share one split (no patient in two splits) and every stratum's split counts follow the fractions
     (`format.stratified_group_splits`). The manifest records every group's split and the per-stratum counts, so
@@ -75,6 +77,7 @@ class WorkItem:
     payload: Any = None  # whatever the dataset's `process` needs besides the paths
     group: Optional[str] = None  # split scheme "stratified": inputs of one group share a split (None: the key)
     stratum: Optional[str] = None  # split scheme "stratified": balanced over the splits (None: "unknown")
+    published: Optional[str] = None  # split scheme "published": the source's own split, "train" or "test"
 
 
 @dataclass
@@ -291,7 +294,7 @@ def load_manifest(out: Path) -> Optional[dict]:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-SPLIT_SCHEMES = ("hash", "stratified")
+SPLIT_SCHEMES = ("hash", "stratified", "published")
 
 
 def _group(it: WorkItem) -> str:
@@ -318,6 +321,13 @@ def _assign_splits(items: list[WorkItem], cfg: JobConfig, state: dict) -> dict[s
     """key -> split for the inputs of this run."""
     if state["name"] == "hash":
         return {it.key: split_of(it.key, cfg.val_fraction, cfg.test_fraction) for it in items}
+    if state["name"] == "published":  # the source's test set as published; validation from its training set
+        bad = [it.key for it in items if it.published not in ("train", "test")]
+        if bad:
+            raise ValueError(f"split scheme 'published' needs each input's published split (train / test); "
+                             f"{len(bad)} without one, e.g. {bad[0]}")
+        return {it.key: "test" if it.published == "test" else split_of(it.key, cfg.val_fraction, 0.0)
+                for it in items}
     units: dict[str, dict[str, int]] = {}
     for it in items:
         u = units.setdefault(_group(it), {})
@@ -497,6 +507,10 @@ def _record_split_scheme(state: dict, blocks: list[Block], results: list[BlockRe
     if state["name"] == "hash":
         return {"name": "hash", "unit": "key", "salt": "cmrfm-split-v1",
                 "rule": "format.split_of(key, val_fraction, test_fraction)"}
+    if state["name"] == "published":
+        return {"name": "published", "unit": "key", "salt": "cmrfm-split-v1",
+                "rule": "the source's test set is test; its training set is train, or val where "
+                        "format.split_of(key, val_fraction, 0) says so (test_fraction is not used)"}
     rec = {"name": "stratified", "unit": "group", "salt": state.get("salt", STRATIFIED_SALT),
            "rule": "format.stratified_group_splits: a group's inputs share a split; new groups balance the strata",
            "group_by": state.get("group_by"), "stratify_by": state.get("stratify_by"),

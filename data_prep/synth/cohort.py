@@ -33,6 +33,7 @@ from core.fsutil import atomic_path, atomic_write_text, dir_bytes
 from core.vocab import DISEASES
 from data_prep.ukb.phenotypes import PHENOTYPES, measure_phenotypes
 from data_prep.synth import kspace as ksp
+from data_prep.synth import sax_datasets as sax
 from data_prep.synth.heart import (LA_THICKNESS_MM, N_FRAMES, SA_SPACING_MM, SA_THICKNESS_MM, HeartModel,
                                    plane_labels)
 from data_prep.synth.physiology import Subject, cohort_eids, sample_subject, subject_rng
@@ -58,13 +59,17 @@ class SynthConfig:
     # k-space written as CMRxRecon / MMCMR-427K store it: the readout 2x oversampled (the converter's
     # readout_oversampling removes it); 1 writes the image's field of view only
     kspace_readout_oversampling: int = 2
+    # cine short-axis segmentation cases in the layouts ACDC and M&Ms publish (`sax_datasets`), from the same hearts
+    acdc: int = 0
+    mnms: int = 0
+    sax_size_scale: float = 1.0  # in-plane resolution scale of those cases (0.25: quarter-size images for tests)
     workers: int = 0  # 0: one per core
 
     def __post_init__(self):
-        if self.subjects < 0 or self.kspace_scans < 0:
-            raise ValueError("subjects and kspace_scans must be >= 0")
-        if self.prevalence_scale <= 0 or self.kspace_size_scale <= 0:
-            raise ValueError("prevalence_scale and kspace_size_scale must be > 0")
+        if min(self.subjects, self.kspace_scans, self.acdc, self.mnms) < 0:
+            raise ValueError("subjects, kspace_scans, acdc and mnms must be >= 0")
+        if min(self.prevalence_scale, self.kspace_size_scale, self.sax_size_scale) <= 0:
+            raise ValueError("prevalence_scale, kspace_size_scale and sax_size_scale must be > 0")
         if self.kspace_readout_oversampling < 1:
             raise ValueError(f"kspace_readout_oversampling must be >= 1, got {self.kspace_readout_oversampling}")
 
@@ -135,6 +140,10 @@ def _task(args):
     cfg, kind, item = args
     if kind == "subject":
         return kind, make_subject(cfg, item)
+    if kind == "acdc":
+        return kind, sax.write_acdc_case(Path(cfg.out) / "acdc", item, cfg.acdc, cfg.seed, cfg.sax_size_scale)
+    if kind == "mnms":
+        return kind, sax.write_mnms_case(Path(cfg.out) / "mnms", item, cfg.mnms, cfg.seed, cfg.sax_size_scale)
     return kind, ksp.write_scan(Path(cfg.out) / "kspace", item, _kspace_format(cfg, item))
 
 
@@ -161,15 +170,21 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     eids = cohort_eids(cfg.subjects, cfg.seed)
     scans = ksp.plan_kspace_scans(cfg.kspace_scans, cfg.seed, cfg.kspace_size_scale, cfg.kspace_readout_oversampling)
-    tasks = [(cfg, "subject", e) for e in eids] + [(cfg, "kspace", s) for s in scans]
+    tasks = ([(cfg, "subject", e) for e in eids] + [(cfg, "kspace", s) for s in scans]
+             + [(cfg, "acdc", i) for i in range(cfg.acdc)] + [(cfg, "mnms", i) for i in range(cfg.mnms)])
     workers = cfg.workers or os.cpu_count() or 1
-    truths, tab_rows, scan_rows = [], [], []
+    truths, tab_rows, scan_rows, sax_rows, mnms_info = [], [], [], [], []
     bar = tqdm(total=len(tasks), desc="synth", unit="item", disable=not progress, mininterval=1.0)
     with (mp.get_context("fork").Pool(min(workers, max(len(tasks), 1))) if workers > 1 else _Serial()) as pool:
         for kind, result in pool.imap_unordered(_task, tasks):
             if kind == "subject":
                 truths.append(result[0])
                 tab_rows.append(result[1])
+            elif kind == "acdc":
+                sax_rows.append(result)
+            elif kind == "mnms":
+                sax_rows.append(result[0])
+                mnms_info.append(result[1])
             else:
                 scan_rows.append(result)
             bar.update()
@@ -183,6 +198,11 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         write_tabular_csv(out / "ukb_tabular.csv", tab_rows, cfg.seed)
     if scans:
         _write_csv(out / "kspace_truth.csv", scan_rows, list(scan_rows[0].keys()))
+    if mnms_info:
+        sax.write_mnms_csv(out / "mnms", mnms_info)
+    if sax_rows:
+        sax_rows.sort(key=lambda r: (r["dataset"], r["case"]))
+        _write_csv(out / "sax_truth.csv", sax_rows, list(sax_rows[0].keys()))
     save_resolved_config(cfg, out, "synth_config.yaml")
     return _summary(cfg, truths, scan_rows, time.perf_counter() - t0)
 
@@ -213,7 +233,8 @@ class _Serial:
 def _summary(cfg: SynthConfig, truths: list[dict], scans: list[dict], seconds: float, cached: bool = False) -> dict:
     out = Path(cfg.out)
     s = {"out": str(out), "subjects": len(truths), "kspace_scans": len(scans), "seconds": seconds, "cached": cached,
-         "bytes": {k: dir_bytes(out / k) for k in ("ukb", "ukb_dicom", "kspace")}}
+         "acdc": cfg.acdc, "mnms": cfg.mnms,
+         "bytes": {k: dir_bytes(out / k) for k in ("ukb", "ukb_dicom", "kspace", "acdc", "mnms")}}
     s["prevalence"] = {d: float(np.mean([t[d] for t in truths])) if truths else math.nan for d in DISEASES}
     s["phenotypes"] = {p: (float(np.mean([t[p] for t in truths])), float(np.std([t[p] for t in truths])))
                        for p in PHENOTYPES} if truths else {}
@@ -232,6 +253,9 @@ def format_summary(s: dict) -> str:
              f"  UK Biobank subjects : {s['subjects']}   NIfTI {mb['ukb']:.1f} MiB   DICOM {mb['ukb_dicom']:.1f} MiB",
              f"  k-space scans       : {s['kspace_scans']}   {mb['kspace']:.1f} MiB   "
              + ", ".join(f"{k} {v}" for k, v in sorted(s["kspace_files"].items()))]
+    if s.get("acdc") or s.get("mnms"):
+        lines.append(f"  cine SAX segmentation: ACDC layout {s['acdc']} cases {mb['acdc']:.1f} MiB, M&Ms layout "
+                     f"{s['mnms']} cases {mb['mnms']:.1f} MiB")
     if s["subjects"]:
         lines.append("  prevalence          : " + ", ".join(f"{d} {100 * p:.0f}%" for d, p in s["prevalence"].items()))
         ph = s["phenotypes"]
