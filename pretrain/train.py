@@ -240,6 +240,10 @@ def train(cfg: PretrainConfig) -> dict:
               f"{cfg.train.zero_stage}, micro {cfg.train.micro_batch} x {world} ranks x {gas} accumulation = "
               f"global {cfg.train.global_batch}"
               + (" (the contrastive batch: GradCache over the micro-steps)" if stage.contrastive and gas > 1 else "")
+              + ("; the image features are batch-normalised per micro-batch of "
+                 f"{cfg.train.micro_batch}, not over the global batch" if cfg.stage == "tabular_clip"
+                 and cfg.tabular.image_feature_norm == "batchnorm" and cfg.train.micro_batch < cfg.train.global_batch
+                 else "")
               + f"; {total_steps} steps; attention: {backend}"
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
     flops = stage.flops(cfg, model)

@@ -392,3 +392,30 @@ def test_named_validation_scalars_per_task():
     assert val_scalars("phenotypes", {"per_target": {"LVEDV": {"mae": 12.5}}}) == {"mae_LVEDV": 12.5}
     mv = {"modality_accuracy": 0.9, "view_balanced_accuracy": 0.8, "primary": 0.85}
     assert val_scalars("modality_view", mv) == {"modality_accuracy": 0.9, "view_balanced_accuracy": 0.8}
+
+
+def test_case_level_3d_dice_equals_monai_on_hand_made_volumes():
+    """MetaCLIP-CMR scores segmentation by case-level 3D Dice (per case, per structure over the whole short-axis
+    stack, then the mean over cases): `volume_dice` with one stack per case computes it, as MONAI's `compute_dice`
+    does on the same one-hot volumes."""
+    from monai.metrics import compute_dice
+
+    rng = np.random.default_rng(0)
+    n, z, h, w = 4, 5, 16, 16
+    true = np.zeros((n, 1, z, h, w), np.uint8)
+    pred = np.zeros_like(true)
+    for i in range(n):  # three nested boxes per case, the prediction shifted by a case-dependent amount
+        for lab, r in ((2, 6), (1, 4), (3, 2)):
+            c = 8 + int(rng.integers(-1, 2))
+            true[i, 0, 1:4, c - r:c + r, c - r:c + r] = lab
+            s = i % 3
+            pred[i, 0, 1:4 + (i % 2), c - r + s:c + r + s, c - r:c + r] = lab
+    labels = {1: "LV", 2: "MYO", 3: "RV"}
+    ours = volume_dice(pred, true, np.ones((n, 1), bool), labels, [(1, 2, 3)], [0])
+    onehot = lambda a: np.eye(4, dtype=np.float32)[a[:, 0]].transpose(0, 4, 1, 2, 3)  # noqa: E731 (N, 4, Z, H, W)
+    monai = compute_dice(torch.from_numpy(onehot(pred)), torch.from_numpy(onehot(true)), include_background=False)
+    assert monai.shape == (n, 3)
+    for c, name in labels.items():
+        assert ours[name]["n"] == n
+        assert ours[name]["dice"] == pytest.approx(float(monai[:, c - 1].mean()), abs=1e-6), name
+    assert 0.3 < ours["LV"]["dice"] < 0.99  # the shifts make a difference that could be wrong

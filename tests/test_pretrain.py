@@ -325,6 +325,8 @@ def test_stage2_image_tabular_alignment_from_the_stage1_export(shards, stage1_ex
            "tabular.image_feature_norm=batchnorm"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:]
+    # said at start-up: BatchNorm's statistics come from each rank's micro-batch, not the global batch
+    assert "the image features are batch-normalised per micro-batch of 2, not over the global batch" in res.stdout
     m = _metrics(stage2)
     assert all(np.isfinite(r["loss"]) for r in m.values())
     # whether it learns is read from the validation pass (here in-sample: the tiny cohort has 4 subjects): one
