@@ -75,7 +75,7 @@ class SubjectDataset(Dataset):
         kind = get_task(task)
         self.dir, self.split, self.task, self.vit = Path(dataset_dir), split, kind.name, vit
         # what the task's samples hold: k-space sequences, or cine subjects (+ segmentations for a dense task)
-        self.sequences, self.dense = kind.dataset == "kspace", kind.dense
+        self.sequences, self.dense, self.sax = kind.dataset == "kspace", kind.dense, kind.dataset == "sax"
         self.train, self.seed, self.frame_offset = train, int(seed), frame_offset
         self.augment = augment if train else replace(augment, rotation_deg=0.0, flip=False, contrast=0.0)
         self.epoch = 0
@@ -94,7 +94,7 @@ class SubjectDataset(Dataset):
         self.kspace = None
         if self.sequences:
             self.kspace = KSpaceTransform(self.augment, kspace or KSpaceSampling(), seed, train=train)
-        else:  # labels read once: a sample then costs one image (+ seg) read
+        elif not self.sax:  # labels read once: a sample then costs one image (+ seg) read
             self._targets_tab, self._diseases_tab = self.targets_table(), self.diseases_table()
             self._seg_valid = self._rows("seg_valid").astype(bool) if self.keys else np.zeros((0, 0), bool)
 
@@ -148,6 +148,8 @@ class SubjectDataset(Dataset):
                     self._cache[key] = sample
             out = self.kspace.apply(sample, self.epoch)
             return {k: out[k] for k in ("image", "valid", "modality", "view", "view_valid", "key")}
+        if self.sax:
+            return self._sax_case(key)
         g = self.reader.group
         P, T = g["image"].shape[1:3]
         offset = self.frame_offset
@@ -171,6 +173,28 @@ class SubjectDataset(Dataset):
             out["seg"] = seg.long().contiguous()
             out["seg_valid"] = torch.from_numpy(self._seg_valid[i].copy())
         return out
+
+    def _sax_case(self, key: str) -> dict:
+        """A short-axis segmentation case: its ED and ES stacks (2, Zmax, S, S) padded to the store's slice capacity,
+        their labels, and which slices are real; augmented per phase in training."""
+        sample = None if self._cache is None else self._cache.get(key)
+        if sample is None:
+            sample = self.reader.sax(key)
+            if self._cache is not None:
+                self._cache[key] = sample
+        Z, S = sample.seg.shape[1], sample.seg.shape[2]
+        zmax = self.reader.group["seg"].shape[2]
+        image = np.zeros((2, zmax, S, S), np.float32)
+        image[:, :Z] = sample.image[[sample.meta["ed"], sample.meta["es"]]]
+        seg = np.zeros((2, zmax, S, S), np.uint8)
+        seg[:, :Z] = sample.seg
+        valid = np.zeros(zmax, bool)
+        valid[:Z] = True
+        prm = augment_params(self.seed, key, self.epoch, 2, zmax, self.augment)
+        img, sg = augment_image(torch.from_numpy(image), prm["angles"], prm["flips"], prm["gamma"],
+                                torch.from_numpy(seg))
+        return {"image": img.contiguous(), "seg": sg.long().contiguous(), "slice_valid": torch.from_numpy(valid),
+                "key": key}
 
 
 def loader(ds: SubjectDataset, batch_size: int, workers: int, shuffle: bool, seed: int, epoch: int = 0

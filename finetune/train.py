@@ -31,10 +31,11 @@ from core.manifest import read_training_data
 from finetune import figures, report
 from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
-from finetune.models import FinetuneModel, ResNetEncoder, param_groups
+from finetune.models import FinetuneModel, ResNetEncoder, param_groups, precise_batchnorm
 from finetune.tasks import get_task
 from pretrain.config import KSpaceSampling
 from pretrain.export import load_encoder
+from pretrain.models.metaclip import build_image_encoder
 from pretrain.models.vit import ViTEncoder
 from pretrain.schedule import warmup_cosine
 
@@ -44,8 +45,10 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
     """The encoder the config asks for + the task's decoder; returns (model, the encoder's metadata)."""
     hidden = 0 if cfg.protocol.kind == "linear_probe" else cfg.task.head_hidden
     meta: dict = {"encoder": "scratch"}
-    if cfg.baseline == "resnet50":
-        vit, encoder = cfg.model, ResNetEncoder(cfg.model)
+    two_d = get_task(cfg.task.name).dataset == "sax"  # 2D slices: MetaCLIP-CMR's ResNet-50, one image a slice
+    if cfg.baseline == "resnet50" or (two_d and cfg.encoder is None):
+        vit = cfg.model
+        encoder = build_image_encoder("resnet50", vit)[0] if two_d else ResNetEncoder(cfg.model)
         meta = {"encoder": "resnet50"}
     elif cfg.baseline == "vit_scratch" or cfg.encoder is None:
         vit, encoder = cfg.model, ViTEncoder(cfg.model)
@@ -170,6 +173,10 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
                 sched.step()
                 losses.append(loss.item())
                 step += 1
+            if task.precise_bn:
+                with autocast():
+                    precise_batchnorm(model, (to_device(b, device) for b in loader(
+                        data["train"], cfg.data.batch_size, cfg.data.workers, False, cfg.seed, epoch)))
             val = task.score(cfg, predict(cfg, model, data["val"], stats, device, autocast), stats=stats)
             row = {"epoch": epoch, "step": step, "phase": phase, "train_loss": float(np.mean(losses)),
                    "val_primary": val["primary"], "seconds": time.perf_counter() - t0}

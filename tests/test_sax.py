@@ -182,3 +182,117 @@ def test_job_converts_quarantines_and_keeps_the_published_split(sax_src, tmp_pat
     assert n == N - len(broken)
     again, _ = run(cfg, progress=False)
     assert again.nothing_to_do
+
+
+# ------------------------------------------------------------------------ the segmenter (MetaCLIP-CMR, Table 3)
+@pytest.fixture(scope="module")
+def acdc18(tmp_path_factory, ray_cluster) -> Path:
+    """18 synthetic ACDC cases (12 published training, 6 test) converted at 48 x 48 pixels of 3 mm."""
+    src = tmp_path_factory.mktemp("acdc18_src")
+    res = subprocess.run([sys.executable, "-m", "data_prep", "synth", "--out", str(src), "--subjects", "0",
+                          "--kspace-scans", "0", "--acdc", "18", "--quiet", "sax_size_scale=0.35"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path_factory.mktemp("acdc18")
+    report, _ = run(SaxJobConfig(src=src / "acdc", layout="acdc", crop=48, spacing_mm=3.0,
+                                 job=JobConfig(out=out, block_size=6, workers=2, val_fraction=0.2, test_fraction=0.0)),
+                    progress=False)
+    assert report.counts["written"] == 18
+    return out
+
+
+def _seg_cfg(dataset: Path, out: Path, *overrides: str):
+    from core.config import load_config
+    from finetune.config import FinetuneConfig
+
+    return load_config(FinetuneConfig, ROOT / "configs/finetune/tiny.yaml",
+                       [f"data.dataset={dataset}", f"out={out}", "encoder=null", "data.cache=true",
+                        "task.name=sax_segmentation", "data.batch_size=2", *overrides])
+
+
+def test_resnet50_segmenter_learns_beyond_the_fixed_mask(acdc18, tmp_path):
+    """A random ResNet-50 U-Net trained on the published training cases scores case-level 3D Dice at ED and ES on
+    the published test cases well above the best fixed mask (the test truths' per-pixel majority); predictions
+    per case in predictions.csv; the report has the table."""
+    from finetune.train import fit
+
+    res = fit(_seg_cfg(acdc18, tmp_path / "seg", "optim.epochs=8", "optim.lr=2e-3"), progress=False)
+    t = res["test"]
+    assert res["n"]["test"] == 6 and t["n_cases"] == 6
+    print("case Dice", {p: {s: round(v["dice"], 3) for s, v in t["case_dice"][p].items()} for p in ("ED", "ES")},
+          "mean", round(t["case_dice_mean"], 3), "fixed mask", round(t["fixed_mask_case_dice_mean"], 3))
+    for phase in ("ED", "ES"):
+        for s in ("LV", "MYO", "RV"):
+            assert t["case_dice"][phase][s]["n"] == 6
+            assert t["case_dice"][phase][s]["dice"] > t["fixed_mask_case_dice"][phase][s]["dice"] + 0.1, (phase, s, t)
+    assert t["case_dice_mean"] > t["fixed_mask_case_dice_mean"] + 0.25
+    rows = (tmp_path / "seg" / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("key,LV_ED_dice,MYO_ED_dice,RV_ED_dice,LV_ES_dice") and len(rows) == 7
+    assert "case-level 3D Dice" in (tmp_path / "seg" / "report.md").read_text()
+
+
+def test_segmenter_starts_from_a_metaclip_resnet50_export(acdc18, tmp_path):
+    """The MetaCLIP-CMR initialisation: an exported ResNet-50 (architecture resnet50) is the segmenter's encoder,
+    weight for weight; a ViT export is refused with one line."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from core.config import config_to_dict
+    from pretrain.models.metaclip import build_image_encoder
+    from finetune.train import build_model
+
+    cfg = _seg_cfg(acdc18, tmp_path / "x")
+    torch.manual_seed(3)
+    enc, _ = build_image_encoder("resnet50", cfg.model)
+    exp = tmp_path / "export"
+    exp.mkdir()
+    save_file(enc.state_dict(), str(exp / "encoder.safetensors"))
+    (exp / "encoder_config.yaml").write_text(yaml.safe_dump({"model": config_to_dict(cfg.model), "stage": "metaclip",
+                                                             "architecture": "resnet50"}))
+    model, meta = build_model(_seg_cfg(acdc18, tmp_path / "x", f"encoder={exp}"), 0)
+    assert meta["architecture"] == "resnet50"
+    got = model.encoder.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    from pretrain.models.vit import ViTEncoder
+
+    save_file(ViTEncoder(cfg.model).state_dict(), str(vit / "encoder.safetensors"))
+    (vit / "encoder_config.yaml").write_text(yaml.safe_dump({"model": config_to_dict(cfg.model), "stage": "mae",
+                                                             "architecture": "vit"}))
+    with pytest.raises(ValueError, match="sax_segmentation needs a ResNet-50 encoder"):
+        build_model(_seg_cfg(acdc18, tmp_path / "x", f"encoder={vit}"), 0)
+
+
+def test_the_20_percent_subset_is_seeded_nested_and_stable_when_cases_are_added():
+    """The reduced-data regime (`data.train_fraction`): a function of the set of cases (not their order), nested
+    (20 % inside 50 %), and adding cases displaces at most as many of the old subset as were added."""
+    from finetune.data import nested_subset
+
+    keys = [f"acdc/patient{i:03d}" for i in range(1, 101)]
+    sub = nested_subset(keys, 0.2)
+    assert len(sub) == 20 and sub == nested_subset(keys[::-1], 0.2)[::-1]
+    assert set(sub) <= set(nested_subset(keys, 0.5))
+    more = keys + [f"acdc/patient{i:03d}" for i in range(101, 111)]
+    grown = nested_subset(more, 0.2)
+    assert len(grown) == 22 and len(set(sub) - set(grown)) <= 10
+
+
+def test_precise_batchnorm_is_the_plain_average_over_the_batches():
+    import torch
+    from torch import nn
+
+    from finetune.models import precise_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    batches = [torch.randn(3, 1, 8, 8) * (i + 1) for i in range(4)]
+    net.train()
+    assert precise_batchnorm(net, batches) == 1
+    feats = [net[0](b) for b in batches]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    assert torch.allclose(net[1].running_mean, mean, atol=1e-5)
+    assert net[1].momentum == 0.1  # restored
+    net.eval()
+    assert precise_batchnorm(net, batches) == 0  # a network in eval mode keeps its statistics

@@ -33,6 +33,7 @@ class Task:
     label_efficiency: bool = False  # `finetune compare --fractions`: test at nested fractions of the labels
     has_mean_guess: bool = False  # the mean-guess baseline means something (`mean_guess`)
     needs_vit: bool = False  # the heads read the ViT's tokens (no ResNet-50 baseline)
+    precise_bn: bool = False  # recompute BatchNorm statistics over the training split before each evaluation
 
     # --- the model ---
     def n_outputs(self, cfg) -> int:
