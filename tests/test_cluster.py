@@ -207,7 +207,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     res = _cli(*args)  # checked before anything is queued: the dataset does not exist
     assert res.returncode == 2 and res.stderr.strip() == (f"config error: data.dataset: {tmp_path / 'nodata'} does "
                                                           "not exist (convert one first: python -m data_prep "
-                                                          "ukb|kspace --out DIR)"), res.stderr
+                                                          "ukb|kspace|sax --out DIR)"), res.stderr
     out = _ok(_cli(*args, "--skip-checks"))  # a job chained after the conversion that writes it
     assert out.startswith("#!/bin/bash")
     for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@120", "--partition=gpu",

@@ -56,9 +56,9 @@ def test_pretrain_train_checks_before_it_starts(datasets, tmp_path, capsys):
     d = datasets
     # the library names no dataset of its own (no demo paths in defaults): a config without one says so
     assert run("data.dataset=null") == ("config error: data.dataset is not set: name a converted dataset (convert one "
-                                        "first: python -m data_prep ukb|kspace --out DIR)")
+                                        "first: python -m data_prep ukb|kspace|sax --out DIR)")
     assert run(f"data.dataset={d['missing']}") == (f"config error: data.dataset: {d['missing']} does not exist "
-                                                  "(convert one first: python -m data_prep ukb|kspace --out DIR)")
+                                                  "(convert one first: python -m data_prep ukb|kspace|sax --out DIR)")
     assert f"{d['empty']}/manifest.json: no manifest" in run(f"data.dataset={d['empty']}")
     assert "unreadable manifest (JSONDecodeError" in run(f"data.dataset={d['junk']}")
     assert f"{d['kspace']} is a 'kspace' dataset; this needs 'ukb'" in run(f"data.dataset={d['kspace']}")
