@@ -189,14 +189,16 @@ class StoreReader:
                          tabular=g["tabular"][r], diseases=g["diseases"][r], phenotypes=g["phenotypes"][r],
                          meta=self.meta(key))
 
-    def sax(self, key: str) -> SaxSample:
-        g, r = self.group, self.rows[key]
+    def _frames_by_slices(self, r: int) -> np.ndarray:
+        """Row r's ragged (t, z)-ordered images as (T, Z, S, S)."""
+        g = self.group
         t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
-        image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
-        return SaxSample(key=key, image=image, seg=g["seg"][r, :, :z], meta=self.meta(key))
+        return g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
+
+    def sax(self, key: str) -> SaxSample:
+        r = self.rows[key]
+        image = self._frames_by_slices(r)
+        return SaxSample(key=key, image=image, seg=self.group["seg"][r, :, :image.shape[1]], meta=self.meta(key))
 
     def kspace(self, key: str) -> KSpaceSample:
-        g, r = self.group, self.rows[key]
-        t, z, off = int(g["frames"][r]), int(g["slices"][r]), int(g["image_offset"][r])
-        image = g["image"][off:off + t * z].reshape(t, z, *g["image"].shape[1:])
-        return KSpaceSample(key=key, image=image, meta=self.meta(key))
+        return KSpaceSample(key=key, image=self._frames_by_slices(self.rows[key]), meta=self.meta(key))

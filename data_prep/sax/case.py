@@ -43,7 +43,7 @@ def load_volume(path: Path, ndim: int) -> tuple[np.ndarray, tuple[float, ...]]:
         data = data[..., 0]
     if ndim == 4 and data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, T): time on the 5th axis
         data = data[:, :, :, 0]
-    if data.ndim == ndim - 1 and ndim == 3:
+    if ndim == 3 and data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != ndim:
         raise CaseError(f"{path}: expected a {ndim}D image, found shape {data.shape}")

@@ -94,6 +94,7 @@ def discover(cfg: SaxJobConfig) -> tuple[list[WorkItem], list[str], dict]:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source directory does not exist")
     extra: dict = {}
+    info: dict[str, dict] = {}
     if cfg.layout == "acdc":
         cases, ignored = acdc.discover(src)
     else:
@@ -103,8 +104,10 @@ def discover(cfg: SaxJobConfig) -> tuple[list[WorkItem], list[str], dict]:
             raise ConfigError(f"{src}: no M&Ms dataset information CSV (a .csv with External code, ED and ES "
                               f"columns) under the source")
         extra["info_csv"] = str(csv_path)
+        info = mnms.read_info(csv_path)  # read once; each case carries its own row
     files = acdc.case_files if cfg.layout == "acdc" else mnms.case_files
-    items = [WorkItem(f"{cfg.layout}/{c['name']}", files(Path(c["dir"])), {"dir": c["dir"], **extra},
+    items = [WorkItem(f"{cfg.layout}/{c['name']}", files(Path(c["dir"])),
+                      {"dir": c["dir"], "info": {c["name"]: info[c["name"]]} if c["name"] in info else {}, **extra},
                       published=c["published"]) for c in cases]
     return items, ignored, extra
 
@@ -129,8 +132,7 @@ class SaxDataset:
         if self.cfg.layout == "acdc":
             case = acdc.read_case(d, item.published)
         else:
-            csv_path = Path(item.payload["info_csv"])
-            case = mnms.read_case(d, item.published, mnms.read_info(csv_path), csv_path)
+            case = mnms.read_case(d, item.published, item.payload["info"], Path(item.payload["info_csv"]))
         T, Z = case.image.shape[3], case.image.shape[2]
         if T > self.cfg.max_frames or Z > self.cfg.max_slices:
             raise ValueError(f"{d}: {T} frames x {Z} slices exceed the store's capacity {self.cfg.max_frames} x "

@@ -82,7 +82,7 @@ class SaxSegmentation(Task):
         return row
 
     def comparison_table(self, cfg, results):
-        return report.volume_dice_table({m: r["case_dice"]["ED"] for m, r in results.items()})
+        return report.volume_dice_table({f"{m} {p}": r["case_dice"][p] for m, r in results.items() for p in PHASES})
 
 
 def case_dice_scores(pred: np.ndarray, true: np.ndarray) -> dict:
