@@ -20,7 +20,7 @@ from data_prep.ukb.features import feature_schema
 from pretrain.config import MAEConfig, PretrainConfig, TabularConfig, ViTConfig
 from pretrain.models.clip import ImageTabularCLIP, clip_flops_per_sample
 from pretrain.models.tabular import random_table
-from pretrain.models.vit import MaskedAutoencoder, blocks_flops, flops_per_sample, num_tokens, visible_tokens
+from pretrain.models.vit import Attention, MaskedAutoencoder, blocks_flops, flops_per_sample, num_tokens, visible_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ViTConfig(img_size=32, sa_planes=3, la_planes=3, frames=5, patch=(5, 8, 8), dim=64, depth=2, heads=4)
@@ -36,6 +36,16 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def unpadded(model: torch.nn.Module) -> torch.nn.Module:
+    """Model FLOPs count each head at its own dim (205, not the 208 the attention call pads it to for the fused
+    kernels: zero channels are kernel work, not model work, as flash's own padding was), so the counter runs the
+    unpadded attention."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.pad = 0
+    return model
+
+
 def stage2_inputs(vit: ViTConfig, b: int, device: str = "cpu") -> dict:
     """What `pretrain.train.model_inputs` hands the model: images, tabular values, missing flags."""
     values, missing = random_table(SCHEMA, b)
@@ -45,7 +55,7 @@ def stage2_inputs(vit: ViTConfig, b: int, device: str = "cpu") -> dict:
 
 def test_stage2_flops_match_flop_counter():
     torch.manual_seed(0)
-    model = ImageTabularCLIP(VIT, TAB, SCHEMA)
+    model = unpadded(ImageTabularCLIP(VIT, TAB, SCHEMA))
     x = stage2_inputs(VIT, 2)
     fwd = counted_flops(lambda: model(**x)) / 2
     train = counted_flops(lambda: model(**x)["loss"].backward()) / 2
@@ -75,7 +85,7 @@ def test_paper_scale_flops_match_flop_counter(config):
             model, x = ImageTabularCLIP(cfg.model, cfg.tabular, SCHEMA), stage2_inputs(cfg.model, 1, "meta")
             model.tabular.validate = False  # its input check reads a value back: meta tensors have none
             expected = model.flops_per_sample()
-    assert counted_flops(lambda: model(**x)["loss"].backward()) == pytest.approx(expected, rel=0.01)
+    assert counted_flops(lambda: unpadded(model)(**x)["loss"].backward()) == pytest.approx(expected, rel=0.01)
     assert expected == pytest.approx({"mae": 840e9, "tabular_clip": 642e9}[cfg.stage], rel=0.001)
 
 

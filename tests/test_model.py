@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import MAEConfig, ViTConfig
 from pretrain.models.vit import (Attention, Block, MaskedAutoencoder, PatchEmbed3D, ViTEncoder, axis_channels,
-                                 flops_per_sample, num_tokens, patchify, pos_embed, random_masking,
+                                 flops_per_sample, num_tokens, padded_head_dim, patchify, pos_embed, random_masking,
                                  sdpa_backend_report, unpatchify, visible_tokens)
 
 VIT = ViTConfig(img_size=32, sa_planes=3, la_planes=3, frames=5, patch=(5, 8, 8), dim=64, depth=2, heads=4)
@@ -171,6 +171,55 @@ def test_attention_matches_explicit_softmax():
     ref = x + explicit_attention(block.attn, y)
     ref = ref + block.mlp.fc2(torch.nn.functional.gelu(block.mlp.fc1(block.norm2(ref))))
     torch.testing.assert_close(block(x), ref, rtol=0, atol=1e-10)
+
+
+def test_head_dim_padding_is_exact():
+    """The paper's 5 heads of 205 run padded to 208 inside the attention call (the fused GPU kernels need a
+    multiple of 8); outputs and every gradient equal the unpadded attention's to fp32 tolerance, and against the
+    explicit softmax in float64."""
+    assert padded_head_dim(205) == 208 and padded_head_dim(16) == 16 and padded_head_dim(1) == 8
+    torch.manual_seed(0)
+    padded, plain = Attention(1025, 5), Attention(1025, 5, pad_head_dim=False)
+    assert (padded.pad, plain.pad) == (3, 0)
+    plain.load_state_dict(padded.state_dict())  # same parameters, same shapes
+    for p in padded.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    plain.load_state_dict(padded.state_dict())
+    x = torch.randn(2, 37, 1025)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = padded(xa), plain(xb)
+    # fp32 over a width of 1025: the two differ by float summation order only (outputs of order 1)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    for (name, pa), pb in zip(padded.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4, msg=name)
+    x64 = x[:1, :9].double()
+    torch.testing.assert_close(padded.double()(x64), explicit_attention(padded, x64), rtol=0, atol=1e-10)
+
+
+def test_padded_head_dim_mae_equals_unpadded():
+    """A whole MAE whose heads are not a multiple of 8 (60 / 4 = 15 -> 16): the same loss and gradients with and
+    without the padding."""
+    vit, mae = replace(VIT, dim=60, heads=4), MAEConfig(decoder_dim=36, decoder_depth=1, decoder_heads=4)
+    torch.manual_seed(0)
+    a = MaskedAutoencoder(vit, mae)
+    b = MaskedAutoencoder(vit, mae)
+    b.load_state_dict(a.state_dict())
+    for m in b.modules():
+        if isinstance(m, Attention):
+            m.pad = 0
+    assert all(m.pad == 1 for m in a.modules() if isinstance(m, Attention) and m.head_dim == 15)
+    x = images(2)
+    la = a(x, generator=torch.Generator().manual_seed(1))["loss"]
+    lb = b(x, generator=torch.Generator().manual_seed(1))["loss"]
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-7)
+    la.backward()
+    lb.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_encoder_state_dict_round_trip():

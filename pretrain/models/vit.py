@@ -146,14 +146,28 @@ class PatchEmbed3D(nn.Module):
         return x.flatten(2).transpose(1, 2).reshape(B, -1, x.shape[1])
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention on (B, heads, L, head_dim)."""
+HEAD_DIM_MULTIPLE = 8  # cuDNN and memory-efficient attention need head dims that are multiples of 8
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+
+def padded_head_dim(head_dim: int, multiple: int = HEAD_DIM_MULTIPLE) -> int:
+    """The head dim the attention kernel sees: `head_dim` rounded up to a multiple (205 -> 208)."""
+    return -(-head_dim // multiple) * multiple
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention on (B, heads, L, head_dim).
+
+    A head dim that is not a multiple of 8 (the paper's 5 heads of 205) is padded with zero channels inside the
+    call (205 -> 208), so cuDNN / memory-efficient attention accept it: zero channels of q and k add nothing to
+    the scores q.k, zero channels of v give zero output channels, which are cut off; the softmax scale stays
+    1/sqrt(205). The weights and their shapes do not change (checkpoints are the same either way)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, pad_head_dim: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
+        self.pad = padded_head_dim(self.head_dim) - self.head_dim if pad_head_dim else 0
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = dropout
@@ -161,8 +175,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, L, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, self.head_dim)
+        if self.pad:
+            qkv = F.pad(qkv, (0, self.pad))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+                                           scale=self.head_dim ** -0.5)
+        if self.pad:
+            x = x[..., : self.head_dim]
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -419,7 +439,7 @@ def flops_per_sample(vit: ViTConfig, mae: Optional[MAEConfig] = None, train: boo
     embedding needs no gradient w.r.t. the images (its backward is the weight gradient alone). Not counted:
     LayerNorm, GELU, softmax, residuals, the loss (elementwise, O(L*D)). This equals what
     torch.utils.flop_counter counts with the math SDPA backend; fused attention kernels execute a little more
-    than counted here (flash / efficient backward recompute QK^T: 2.5 x forward instead of 2 x; flash pads
+    than counted here (flash / efficient backward recompute QK^T: 2.5 x forward instead of 2 x; `Attention` pads
     head_dim to a multiple of 8, 205 -> 208), which MFU conventionally ignores.
     """
     pt, ph, pw = vit.patch
