@@ -31,7 +31,8 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
     """The stage's model through the stage's own builder (`pretrain.stages`), with random weights
     (`checkpoint.init_from` is ignored: speed and memory do not depend on the values). Stage II needs the dataset's
     tabular schema: from `dataset` when given, else the one the UK Biobank conversion writes
-    (configs/data_prep/ukb_features.yaml, 117 features); the builder reads only the schema."""
+    (configs/data_prep/ukb_features.yaml, 117 features); the builder reads only the schema. No dataset is needed
+    otherwise."""
     import dataclasses
 
     from core.manifest import Manifest
@@ -39,8 +40,10 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
 
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None))
     stage = get_stage(cfg.stage)
-    if dataset is not None or cfg.stage != "tabular_clip":
-        return stage.build_model(cfg, Manifest.load(dataset or cfg.data.dataset))
+    if dataset is not None:
+        return stage.build_model(cfg, Manifest.load(dataset))
+    if cfg.stage != "tabular_clip":  # Stage I reads nothing of the dataset: a manifest of no data will do
+        return stage.build_model(cfg, Manifest.from_dict(ROOT, {"dataset": "ukb"}))
     from data_prep.ukb.feature_spec import load_feature_spec
     from data_prep.ukb.features import feature_schema
 

@@ -1,8 +1,13 @@
 """The on-disk sample format: the one contract between the data_prep writers and every reader.
 
 A UK Biobank subject, a k-space sequence and a short-axis segmentation case are each one sample. In WebDataset
-shards a sample is a group of tar members sharing a key (`<key>.image.arr`, `<key>.meta.json`, ...); in the Zarr
-store it is an index along the leading axis of fixed-shape arrays. Both are produced from the dataclasses below and
+shards a sample is a group of tar members sharing a key (`<key>.tabular.arr`, `<key>.meta.json`, ...); in the Zarr
+store it is an index along the leading axis of fixed-shape arrays.
+
+Cine is stored frame by frame (schema 2): a UK Biobank subject's image and seg (P, T, H, W) are T members each,
+`<key>.image.t000.arr` ... `<key>.image.t049.arr` holding (P, H, W), and the Zarr chunks hold one frame of all
+planes, so a loader that keeps 5 of 50 frames reads and decodes those 5 (`frame_members`, `read_frames`). Shards
+of schema 1 (one `<key>.image.arr` with every frame) are still read. Both are produced from the dataclasses below and
 read back into them, so a reader gets exactly what preprocessing produced.
 
 Arrays in shards are Blosc/Zstd-compressed with bit-shuffle (numcodecs) behind a tiny self-describing header,
@@ -21,7 +26,7 @@ import numpy as np
 
 from core.manifest import Manifest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cine frame by frame (see above); 1: whole arrays
 
 # --- keys in the Zarr store: fixed-width UTF-8 bytes (a stable Zarr v3 dtype, unlike strings) ----------------
 KEY_BYTES = 128
@@ -84,17 +89,62 @@ def decode_array(data: bytes) -> np.ndarray:
     return out.reshape(header["shape"])
 
 
+# --- cine frame by frame -----------------------------------------------------------------------------------------
+def frame_member(name: str, t: int) -> str:
+    """The member suffix of frame t of a per-frame field: 'image.t007.arr'."""
+    return f"{name}.t{t:03d}.arr"
+
+
+def stored_frames(suffixes, name: str = "image") -> int:
+    """How many frames of `name` a sample stores (0: not stored frame by frame), from its member suffixes or a raw
+    sample (whose "__members__", when a reader kept only some members, lists them all)."""
+    if isinstance(suffixes, dict):
+        suffixes = suffixes.get("__members__", suffixes)
+    head = f"{name}.t"
+    return sum(1 for s in suffixes if s.startswith(head) and s.endswith(".arr"))
+
+
+def frame_of(suffix: str):
+    """t of a per-frame member suffix '<name>.tNNN.arr', None for any other member."""
+    parts = suffix.split(".")
+    if len(parts) == 3 and parts[2] == "arr" and parts[1][:1] == "t" and parts[1][1:].isdigit():
+        return int(parts[1][1:])
+    return None
+
+
+def frame_members(name: str, frames) -> set[str]:
+    return {frame_member(name, int(t)) for t in frames}
+
+
+def read_frames(sample: dict, name: str, frames=None) -> np.ndarray:
+    """Frames `frames` (all when None) of the per-frame field `name` of a raw sample, as (P, len(frames), H, W):
+    decodes only those members; a schema-1 sample's whole array is decoded and indexed."""
+    if f"{name}.arr" in sample:
+        a = decode_array(sample[f"{name}.arr"])
+        return a if frames is None else a[:, np.asarray(frames, np.int64)]
+    if frames is None:
+        frames = range(stored_frames(sample, name))  # all of them
+    missing = [frame_member(name, t) for t in frames if frame_member(name, t) not in sample]
+    if missing:
+        raise KeyError(f"sample {sample.get('__key__')!r} has no {', '.join(missing[:3])}")
+    return np.stack([decode_array(sample[frame_member(name, t)]) for t in frames], axis=1)
+
+
 # --- samples ---------------------------------------------------------------------------------------------------
 class _Sample:
-    """Shared WebDataset (de)serialisation: ndarray fields -> `<name>.arr`, dict fields -> `<name>.json`."""
+    """Shared WebDataset (de)serialisation: ndarray fields -> `<name>.arr` (those named in `frame_fields`: one
+    `<name>.tNNN.arr` per frame of axis 1), dict fields -> `<name>.json`."""
 
     key: str
+    frame_fields: tuple[str, ...] = ()
 
     def to_wds(self) -> dict[str, bytes | str]:
         out: dict[str, bytes | str] = {"__key__": self.key}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, np.ndarray):
+            if isinstance(v, np.ndarray) and f.name in self.frame_fields:
+                out.update({frame_member(f.name, t): encode_array(v[:, t]) for t in range(v.shape[1])})
+            elif isinstance(v, np.ndarray):
                 out[f"{f.name}.arr"] = encode_array(v)
             elif isinstance(v, dict):
                 out[f"{f.name}.json"] = json.dumps(v, sort_keys=True).encode()
@@ -104,7 +154,9 @@ class _Sample:
     def from_wds(cls, sample: dict):
         kw = {"key": sample["__key__"]}
         for f in fields(cls):
-            if f"{f.name}.arr" in sample:
+            if f.name in cls.frame_fields and (f"{f.name}.arr" in sample or stored_frames(sample, f.name)):
+                kw[f.name] = read_frames(sample, f.name)
+            elif f"{f.name}.arr" in sample:
                 kw[f.name] = decode_array(sample[f"{f.name}.arr"])
             elif f"{f.name}.json" in sample:
                 kw[f.name] = json.loads(sample[f"{f.name}.json"])
@@ -127,6 +179,7 @@ class UKBSample(_Sample):
     diseases: np.ndarray  # (len(DISEASES),) int8: 1 / 0, -1 where unknown
     phenotypes: np.ndarray  # (len(PHENOTYPES),) float32, NaN where unavailable
     meta: dict = field(default_factory=dict)  # source, spacing, crop box, chosen slices, frame interval, ...
+    frame_fields = ("image", "seg")  # stored frame by frame: a loader decodes only the frames it keeps
 
 
 @dataclass
@@ -153,8 +206,8 @@ class SaxSample(_Sample):
 class StoreReader:
     """Random access to a converted dataset (`OUT/` with manifest.json, store.zarr, meta/), by key or row.
 
-    Reads touch only the requested rows' chunks: `ukb(key, frames=[0, 10, 20, 30, 40])` reads 9 x 5 image
-    chunks of one subject. Only rows the manifest lists are visible.
+    Reads touch only the requested rows' chunks: `ukb(key, frames=[0, 10, 20, 30, 40])` reads 5 image chunks
+    of one subject (one chunk: one frame of every plane; 9 x 5 in stores written before schema 2). Only rows the manifest lists are visible.
     """
 
     def __init__(self, out: str | Path):

@@ -113,6 +113,9 @@ class DataConfig:
     flip: bool = True  # horizontal flip, per plane with p = 0.5
     contrast: float = 0.1  # gamma in [1 - contrast, 1 + contrast] per sample; 0: off
     seg: bool = False  # also load the segmentation (off for Stage I/II: saves reading and buffer memory)
+    # where flips / rotations / contrast run: "loader" (per sample, in the loader's processes) or "batch" (on the
+    # training device, on the whole batch: the loader then only reads, decodes and selects; same parameters)
+    augment_on: str = "loader"
     # train on a nested subset of the split: the N keys with the smallest salted hash (the 50-subject set lies inside
     # the 100-subject one; more converted subjects never reorder it); samples_per_epoch follows it. None: all
     subjects: Optional[int] = None
@@ -122,6 +125,8 @@ class DataConfig:
             raise ValueError("data: shuffle_buffer >= 0, workers >= 0 and frames >= 1 are required")
         if self.subjects is not None and self.subjects < 1:
             raise ValueError(f"data: subjects must be >= 1 (or null for all), got {self.subjects}")
+        if self.augment_on not in ("loader", "batch"):
+            raise ValueError(f"data.augment_on: 'loader' or 'batch', got {self.augment_on!r}")
         if self.rotation_deg < 0 or not 0.0 <= self.contrast < 1.0:
             raise ValueError(f"data: rotation_deg >= 0 and 0 <= contrast < 1 are required, got "
                              f"{self.rotation_deg}, {self.contrast}")

@@ -40,7 +40,8 @@ A nested subset of the split (`DataConfig.subjects` = N, for scaling studies)
     (another N, or a grown dataset whose N smallest hashes changed) is an approximate resume by count.
 
 Per-sample transform: a pure function of (seed, key, epoch), never of order, slot or worker
-    decode with `UKBSample.from_wds`; select `frames` of the stored T at round(linspace(0, T - 1, frames))
+    select `frames` of the stored T at round(linspace(0, T - 1, frames)) -- the shard reader reads and decodes
+    only those frames' members (`SampleTransform.members`; cine is stored frame by frame, `core.format`)
     (ViTa: 5 of 50), optionally shifted cyclically by a random offset below one frame spacing (cine is one
     cardiac cycle; off by default); augment (ViTa Sec. 4.1: rotation, flipping, contrast): horizontal flip per
     plane with p = 0.5, rotation by one angle per plane in +-rotation_deg (the same for all frames of the
@@ -101,7 +102,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -265,41 +266,55 @@ class ShuffleBuffer:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
-def _read_shard(url: str, keep: Optional[frozenset] = None) -> Iterator[dict]:
-    """Raw samples of one tar shard ({"__key__", "image.arr": bytes, ...}); nothing is decoded. `keep`: only the
-    samples with these keys; the others' member data is seeked over in a local file (read and dropped in a
-    stream)."""
+MemberSelect = Callable[[str, Sequence[str]], set]  # (key, the sample's member suffixes) -> the suffixes to read
+
+
+def _read_shard(url: str, keep: Optional[frozenset] = None, select: Optional[MemberSelect] = None
+                ) -> Iterator[dict]:
+    """Raw samples of one tar shard ({"__key__", "image.t000.arr": bytes, ...}); nothing is decoded. `keep`: only
+    the samples with these keys; `select`: of each sample only the members it names (e.g. the frames the
+    transform will use; "__members__" then lists all the sample has). In a local file the rest is seeked over
+    unread (tar headers only); in a stream it is read and dropped."""
     from webdataset.tariterators import base_plus_ext, tarfile_samples
 
-    if keep is None:
-        yield from tarfile_samples([{"url": url}])
-        return
+    def wanted(raw: dict) -> dict:
+        if select is None:
+            return raw
+        members = tuple(k for k in raw if not k.startswith("__"))
+        names = select(raw["__key__"], members)
+        return {"__members__": members, **{k: v for k, v in raw.items() if k.startswith("__") or k in names}}
+
     if not Path(url).is_file():
-        yield from (raw for raw in tarfile_samples([{"url": url}]) if raw["__key__"] in keep)
+        yield from (wanted(raw) for raw in tarfile_samples([{"url": url}]) if keep is None or raw["__key__"] in keep)
         return
     import tarfile
 
-    current: Optional[dict] = None
-    with tarfile.open(url, mode="r:") as tar:  # seekable: next() skips a member's data with a seek
+    def read(tar, key: str, infos: dict) -> dict:
+        if select is None:
+            return {"__key__": key, "__url__": url, **{n: tar.extractfile(i).read() for n, i in infos.items()}}
+        names = select(key, tuple(infos))
+        return {"__key__": key, "__url__": url, "__members__": tuple(infos),
+                **{n: tar.extractfile(i).read() for n, i in infos.items() if n in names}}
+
+    key, infos = None, {}
+    with tarfile.open(url, mode="r:") as tar:  # seekable: iterating reads headers only, data is read on demand
         for info in tar:
             prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
-            if prefix is None or prefix.startswith("__") or prefix not in keep:
+            if prefix is None or prefix.startswith("__") or (keep is not None and prefix not in keep):
                 continue
-            if current is not None and current["__key__"] != prefix:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": prefix, "__url__": url}
-            suffix = suffix.lower()
-            if suffix in current:
+            if key is not None and key != prefix:
+                yield read(tar, key, infos)
+                infos = {}
+            key, suffix = prefix, suffix.lower()
+            if suffix in infos:
                 raise ValueError(f"{url}: duplicate file {info.name}")
-            current[suffix] = tar.extractfile(info).read()
-    if current is not None:
-        yield current
+            infos[suffix] = info
+        if key is not None:
+            yield read(tar, key, infos)
 
 
 def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: int, slot: int, buffer: int,
-                  offset: int, drop: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+                  offset: int, members=None) -> Iterator[tuple[int, dict]]:
     """The slot's epoch `epoch` from its `offset`-th sample: (epoch, raw sample) after the shuffle buffer."""
     counts = [shards[i].samples for i in order]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
@@ -317,9 +332,9 @@ def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: i
     where = {o: k for k, o in enumerate(buf.items)}  # buffered ordinal -> buffer index
     first = min([read, *where])
 
+    select = None if members is None else (lambda key, suffixes: members(key, epoch, suffixes))
+
     def strip(raw: dict) -> dict:
-        for name in drop:
-            raw.pop(name, None)
         raw.pop("__url__", None)
         raw.pop("__local_path__", None)
         return raw
@@ -329,7 +344,7 @@ def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: i
             continue  # skipped whole, never opened
         n = 0
         keep = shards[i].keep
-        for raw in (_read_shard(shards[i].url) if keep is None else _read_shard(shards[i].url, keep)):
+        for raw in _read_shard(shards[i].url, keep, select):
             o = starts[j] + n
             n += 1
             if o < read:  # consumed before the interruption, or waiting in the buffer
@@ -346,12 +361,13 @@ def _epoch_stream(shards: Sequence[Shard], order: list[int], seed: int, epoch: i
 
 
 def slot_stream(shards: Sequence[Shard], slot: int, slots: int, seed: int, shuffle_buffer: int, start: int = 0,
-                drop: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """The infinite stream of slot `slot` of `slots`, from its `start`-th sample: (epoch, raw sample)."""
+                members=None) -> Iterator[tuple[int, dict]]:
+    """The infinite stream of slot `slot` of `slots`, from its `start`-th sample: (epoch, raw sample).
+    `members(key, epoch, suffixes)`: the members of each sample to read (default all)."""
     epoch, offset = locate(shards, slot, slots, seed, start)
     while True:
         order = epoch_shards(len(shards), slot, slots, seed, epoch)
-        yield from _epoch_stream(shards, order, seed, epoch, slot, shuffle_buffer, offset, drop)
+        yield from _epoch_stream(shards, order, seed, epoch, slot, shuffle_buffer, offset, members)
         epoch, offset = epoch + 1, 0
 
 
@@ -400,11 +416,11 @@ class RankDataset(IterableDataset):
     """The samples of one rank: in a DataLoader worker k, slot rank * K + (k + consumed) % K from its position."""
 
     def __init__(self, shards: Sequence[Shard], transform: SampleTransform, *, rank: int, world_size: int,
-                 workers: int, seed: int, shuffle_buffer: int, consumed: int = 0, drop: tuple[str, ...] = ()):
+                 workers: int, seed: int, shuffle_buffer: int, consumed: int = 0):
         super().__init__()
         self.shards, self.transform = list(shards), transform
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.seed, self.shuffle_buffer, self.consumed, self.drop = seed, shuffle_buffer, consumed, drop
+        self.seed, self.shuffle_buffer, self.consumed = seed, shuffle_buffer, consumed
 
     def __iter__(self):
         k = max(self.workers, 1)
@@ -416,7 +432,7 @@ class RankDataset(IterableDataset):
         slot = self.rank * k + local
         start = slot_positions(self.consumed, self.workers)[local]
         for epoch, raw in slot_stream(self.shards, slot, self.world_size * k, self.seed, self.shuffle_buffer,
-                                      start, self.drop):
+                                      start, getattr(self.transform, "members", None)):
             yield self.transform(raw, epoch)
 
 
@@ -459,7 +475,7 @@ class ResumableLoader:
     def _batches(self, generation: int) -> Iterator[dict]:
         ds = RankDataset(self.dataset.shards, self.dataset.transform, rank=self.rank, world_size=self.world_size,
                          workers=self.workers, seed=self.seed, shuffle_buffer=self.dataset.shuffle_buffer,
-                         consumed=self._consumed, drop=self.dataset.drop)
+                         consumed=self._consumed)
         # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which
         # would shift dropout's random numbers between a resumed run (new iterator after the RNG is restored) and
         # an uninterrupted one (our streams never use that seed)
@@ -549,8 +565,7 @@ def build_loader(dataset_dir: Optional[PathLike], cfg: DataConfig, *, rank: int,
                       f"smaller blocks)", stacklevel=2)
     if transform is None:
         transform = SampleTransform(cfg, seed, manifest.tabular_stats(), planes, frames)
-    drop = () if cfg.seg else ("seg.arr",)
     ds = RankDataset(shards, transform, rank=rank, world_size=world_size, workers=cfg.workers, seed=int(seed),
-                     shuffle_buffer=cfg.shuffle_buffer, drop=drop)
+                     shuffle_buffer=cfg.shuffle_buffer)
     return ResumableLoader(ds, batch_size=batch_size, samples_per_epoch=sum(s.samples for s in shards),
                            pin_memory=torch.cuda.is_available(), subset=subset)

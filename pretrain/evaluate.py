@@ -53,10 +53,16 @@ def retrieval_topk(query, gallery, match, ks: Sequence[int] = (1, 5)) -> dict[st
     return out
 
 
+def _epoch0(transform: Callable):
+    """The members the transform uses in epoch 0 (evaluation reads every sample as in epoch 0)."""
+    members = getattr(transform, "members", None)
+    return None if members is None else (lambda key, suffixes: members(key, 0, suffixes))
+
+
 def _read(shards: Sequence[Shard], transform: Callable, limit: int) -> list[dict]:
     out = []
     for shard in shards:
-        for raw in _read_shard(shard.url):
+        for raw in _read_shard(shard.url, select=_epoch0(transform)):
             if len(out) == limit:
                 return out
             out.append(transform(raw, 0))
@@ -108,7 +114,7 @@ def mean_image(shards: Sequence[Shard], transform: Callable, limit: int, device:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     total, count = None, 0
     for shard in shards[rank::world]:
-        for raw in _read_shard(shard.url):
+        for raw in _read_shard(shard.url, select=_epoch0(transform)):
             if count == limit:
                 break
             img = transform(raw, 0)["image"].double()

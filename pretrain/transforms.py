@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.format import KSpaceSample, UKBSample, encode_array, normalise_tabular
+from core.format import KSpaceSample, decode_array, frame_of, normalise_tabular, read_frames, stored_frames
 from core.vocab import LA_VIEWS, plane_names
 from pretrain.config import DataConfig, KSpaceSampling
 
@@ -86,42 +86,61 @@ def augment_params(seed: int, key: str, epoch: int, planes: int, stored_frames: 
             "flips": flips if cfg.flip else [False] * planes}
 
 
-def augment_image(image: torch.Tensor, angles: Sequence[float], flips: Sequence[bool], gamma: float = 1.0,
-                  seg: Optional[torch.Tensor] = None, clamp: bool = True
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """image (P, T, H, W) float in [0, 1]: flip plane p horizontally if flips[p], rotate it by angles[p] degrees
-    (bilinear, zero padding; seg nearest), then x ** gamma. Returns (image in [0, 1], seg). `clamp=False` (and
-    gamma 1) for images not in [0, 1], e.g. z-scored ones."""
-    P, T, H, W = image.shape
-    flips = torch.as_tensor(list(flips), dtype=torch.bool)
+def augment_image(image: torch.Tensor, angles, flips, gamma=1.0, seg: Optional[torch.Tensor] = None,
+                  clamp: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """image (N, T, H, W) float in [0, 1] (a sample's planes, or a batch's planes flattened): flip plane n
+    horizontally if flips[n], rotate it by angles[n] degrees (bilinear, zero padding; seg nearest), then
+    x ** gamma (one number, or one per plane). Parameters are lists or tensors; the work runs on the image's
+    device. Returns (image in [0, 1], seg). `clamp=False` (and gamma 1) for images not in [0, 1], e.g. z-scored
+    ones."""
+    N, T, H, W = image.shape
+    dev = image.device
+    flips = torch.as_tensor(flips, dtype=torch.bool, device=dev)
     if flips.any():
         image = torch.where(flips[:, None, None, None], image.flip(-1), image)
         if seg is not None:
             seg = torch.where(flips[:, None, None, None], seg.flip(-1), seg)
-    if any(a != 0.0 for a in angles):
-        rad = torch.tensor([math.radians(a) for a in angles], dtype=torch.float32)
+    angles = torch.as_tensor(angles, dtype=torch.float64).to(dev)
+    if (angles != 0).any():
+        rad = (angles * (math.pi / 180.0)).float()  # math.radians, in double, then float32
         c, s = torch.cos(rad), torch.sin(rad)
         z = torch.zeros_like(c)
         # rotation in pixel units, written in normalised coordinates (corrects for H != W)
         theta = torch.stack([torch.stack([c, -s * H / W, z], -1), torch.stack([s * W / H, c, z], -1)], 1)
-        grid = F.affine_grid(theta, [P, T, H, W], align_corners=False)
+        grid = F.affine_grid(theta, [N, T, H, W], align_corners=False)
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if seg is not None:
             seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros",
                                 align_corners=False).to(seg.dtype)
     if clamp:
         image = image.clamp(0.0, 1.0)
-    if gamma != 1.0:
-        image = image.pow(gamma)
+    if isinstance(gamma, (int, float)):
+        image = image.pow(gamma) if gamma != 1.0 else image
+    else:
+        gamma = torch.as_tensor(gamma, dtype=torch.float32).to(dev)
+        image = image.pow(gamma.reshape(-1, 1, 1, 1) if gamma.ndim else gamma)
     return image, seg
 
 
-# seg is dropped before buffering when not asked for; from_wds still needs the field
-_NO_SEG = encode_array(np.zeros((1,), np.uint8))  # Blosc cannot decode an empty payload
+def augment_batch(batch: dict, device: torch.device) -> torch.Tensor:
+    """The batch's images (B, P, T, H, W) on `device`, augmented there when the loader left it to the batch
+    (`data.augment_on: batch`: the samples carry aug_angles / aug_flips (B, P) and aug_gamma (B,)); the same
+    parameters as the per-sample path, applied to all B * P planes in one call."""
+    image = batch["image"].to(device, non_blocking=True)
+    if "aug_angles" not in batch:
+        return image
+    B, P = image.shape[:2]
+    gamma = batch["aug_gamma"].to(device).float()[:, None].expand(B, P).reshape(-1)
+    out, _ = augment_image(image.float().flatten(0, 1), batch["aug_angles"].reshape(-1),
+                           batch["aug_flips"].reshape(-1), gamma)
+    return out.reshape(image.shape)
 
 
 class SampleTransform:
-    """raw WebDataset sample + epoch -> the training sample dict (see the module docstring). Picklable."""
+    """raw WebDataset sample + epoch -> the training sample dict (see the module docstring). Picklable.
+
+    `members` tells the shard reader which members of a sample to read at all: the frames this (key, epoch)
+    selects, the segmentation only when asked for; the others are seeked over unread."""
 
     def __init__(self, cfg: DataConfig, seed: int, stats: Optional[dict] = None,
                  planes: Optional[Sequence[Union[int, str]]] = None, frames: Optional[int] = None):
@@ -146,31 +165,55 @@ class SampleTransform:
                 out.append(int(p) % P)
         return out
 
+    def _frames(self, key: str, epoch: int, stored: int) -> np.ndarray:
+        # the offset is the first draw of augment_params, whatever the number of planes
+        return select_frames(stored, self.frames, augment_params(self.seed, key, epoch, 0, stored, self._cfg)["offset"])
+
+    def members(self, key: str, epoch: int, suffixes: Sequence[str]) -> set[str]:
+        """The member suffixes of sample `key` to read in `epoch`, of those it has: the selected frames, and the
+        segmentation (its frames, seg_valid) only when asked for."""
+        T = stored_frames(suffixes)
+        idx = set(self._frames(key, epoch, T).tolist()) if T else set()
+        out = set()
+        for s in suffixes:
+            if s.startswith("seg") and not self.cfg.seg:
+                continue
+            t = frame_of(s)
+            if t is None or t in idx:
+                out.add(s)
+        return out
+
     def __call__(self, raw: dict, epoch: int) -> dict:
-        if "seg.arr" not in raw:
-            raw = {**raw, "seg.arr": _NO_SEG}
-        s = UKBSample.from_wds(raw)
-        P, T = s.image.shape[:2]
-        prm = augment_params(self.seed, s.key, epoch, P, T, self._cfg)
-        idx = select_frames(T, self.frames, prm["offset"])
+        key = raw["__key__"]
+        T = stored_frames(raw) or int(decode_array(raw["image.arr"]).shape[1])
+        idx = self._frames(key, epoch, T)
+        image = read_frames(raw, "image", idx)
+        P = image.shape[0]
+        prm = augment_params(self.seed, key, epoch, P, T, self._cfg)
         sel = self._plane_index(P)
         pidx = list(range(P)) if sel is None else sel
-        image = torch.from_numpy(np.ascontiguousarray(s.image[pidx][:, idx], dtype=np.float32))
+        image = torch.from_numpy(np.ascontiguousarray(image[pidx], dtype=np.float32))
         seg = None
         if self.cfg.seg:
-            seg = torch.from_numpy(np.ascontiguousarray(s.seg[pidx][:, idx], dtype=np.uint8))
-        image, seg = augment_image(image, [prm["angles"][p] for p in pidx], [prm["flips"][p] for p in pidx],
-                                   prm["gamma"], seg)
-        out = {"image": image.contiguous(), "key": s.key, "epoch": int(epoch),
-               "tabular": torch.from_numpy(np.asarray(s.tabular, np.float32).copy()),
-               "diseases": torch.from_numpy(np.asarray(s.diseases, np.int8).copy()),
-               "phenotypes": torch.from_numpy(np.asarray(s.phenotypes, np.float32).copy())}
+            seg = torch.from_numpy(np.ascontiguousarray(read_frames(raw, "seg", idx)[pidx], dtype=np.uint8))
+        angles, flips = [prm["angles"][p] for p in pidx], [prm["flips"][p] for p in pidx]
+        out = {"key": key, "epoch": int(epoch)}
+        if self.cfg.augment_on == "batch":  # the parameters travel with the sample; `augment_batch` applies them
+            out.update(aug_angles=torch.tensor(angles, dtype=torch.float64),
+                       aug_flips=torch.tensor(flips, dtype=torch.bool),
+                       aug_gamma=torch.tensor(prm["gamma"], dtype=torch.float32))
+        else:
+            image, seg = augment_image(image, angles, flips, prm["gamma"], seg)
+        tabular = np.asarray(decode_array(raw["tabular.arr"]), np.float32)
+        out.update(image=image.contiguous(), tabular=torch.from_numpy(tabular.copy()),
+                   diseases=torch.from_numpy(np.asarray(decode_array(raw["diseases.arr"]), np.int8).copy()),
+                   phenotypes=torch.from_numpy(np.asarray(decode_array(raw["phenotypes.arr"]), np.float32).copy()))
         if self.stats is not None:
-            values, missing = normalise_tabular(s.tabular, self.stats)
+            values, missing = normalise_tabular(tabular, self.stats)
             out["tabular_values"], out["tabular_missing"] = torch.from_numpy(values), torch.from_numpy(missing)
         if seg is not None:
             out["seg"] = seg.contiguous()
-            out["seg_valid"] = torch.from_numpy(np.asarray(s.seg_valid, bool)[pidx].copy())
+            out["seg_valid"] = torch.from_numpy(np.asarray(decode_array(raw["seg_valid.arr"]), bool)[pidx].copy())
         return out
 
 

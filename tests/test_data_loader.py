@@ -152,7 +152,7 @@ def test_resume_in_the_training_process_equals_one_worker_and_skips_whole_shards
     _same(_take(with_worker, 2), ref[5:7])
     opened = []
     real = D._read_shard
-    monkeypatch.setattr(D, "_read_shard", lambda url: (opened.append(url), (yield from real(url)))[1])
+    monkeypatch.setattr(D, "_read_shard", lambda url, *a: (opened.append(url), (yield from real(url, *a)))[1])
     resumed = _loader(dataset, cfg0, batch=5)
     resumed.load_state_dict({**resumed.state_dict(), "consumed": 25})
     _same(_take(resumed, 1), ref[5:6])
@@ -242,6 +242,47 @@ def test_augmentation_is_a_function_of_seed_key_and_epoch(dataset):
     assert not torch.equal(other_seed["1000000"], img_a[("1000000", 0)])
     for x in img_a.values():
         assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+def test_the_reader_reads_only_the_frames_the_transform_keeps(dataset):
+    """Cine is stored frame by frame: the shard reader hands over the selected frames' members (and no
+    segmentation unless asked for), every other member is seeked over; the transform's output is the same as
+    from the whole sample, for a random temporal offset too (the selection is a function of key and epoch)."""
+    shard = D.list_shards(dataset[0], "train")[0]
+    for cfg in (DataConfig(), DataConfig(temporal_offset=True, seg=True)):
+        tf = TF.SampleTransform(cfg, 3, STATS)
+        for epoch in (0, 1):
+            full = list(D._read_shard(shard.url))
+            part = list(D._read_shard(shard.url, select=lambda k, m: tf.members(k, epoch, m)))
+            for a, b in zip(full, part):
+                idx = tf._frames(a["__key__"], epoch, T)
+                names = {"image"} | ({"seg"} if cfg.seg else set())
+                frames = {k for k in b if k.startswith(("image.t", "seg.t"))}
+                assert frames == {f"{n}.t{t:03d}.arr" for n in names for t in idx}
+                assert "seg_valid.arr" not in b or cfg.seg
+                assert len(b["__members__"]) == len([k for k in a if not k.startswith("__")]) == 2 * T + 5
+                x, y = tf(a, epoch), tf(b, epoch)
+                for k in x:
+                    if isinstance(x[k], torch.Tensor):
+                        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True)
+                assert y["image"].shape == (P, 5, S, S)
+    read = sum(len(v) for r in part for k, v in r.items() if not k.startswith("__"))
+    assert read < 0.6 * sum(len(v) for r in full for k, v in r.items() if not k.startswith("__"))
+
+
+def test_augmentation_on_the_batch_equals_augmentation_in_the_loader(dataset):
+    """`data.augment_on: batch`: the loader hands over the selected frames and the parameters; `augment_batch`
+    applies them to the whole batch on the training device, giving the per-sample result."""
+    cfg = DataConfig(workers=0, shuffle_buffer=4, rotation_deg=10.0, contrast=0.1, temporal_offset=True)
+    a = _take(_loader(dataset, cfg, batch=8), 2)
+    b = _take(_loader(dataset, replace(cfg, augment_on="batch"), batch=8), 2)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and "aug_angles" in y and y["aug_angles"].shape == (8, P)
+        assert not torch.equal(x["image"], y["image"])  # the loader left it unaugmented
+        torch.testing.assert_close(TF.augment_batch(y, torch.device("cpu")), x["image"], rtol=0, atol=1e-6)
+    assert torch.equal(TF.augment_batch(a[0], torch.device("cpu")), a[0]["image"])  # already augmented: as is
+    with pytest.raises(ValueError, match="augment_on"):
+        DataConfig(augment_on="gpu")
 
 
 def test_augment_image_rotates_flips_and_stays_in_range():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.format import KSpaceSample, UKBSample, decode_array, encode_array
+from core.format import (KSpaceSample, UKBSample, decode_array, encode_array, frame_members, read_frames,
+                         stored_frames)
 from core.vocab import DISEASES, PHENOTYPES, SPLITS, plane_names
 from data_prep.splits import split_of, stratified_group_splits
 
@@ -35,7 +36,9 @@ def _ukb_sample(rng) -> UKBSample:
 def test_samples_round_trip_through_the_webdataset_dict():
     s = _ukb_sample(np.random.default_rng(1))
     d = s.to_wds()
-    assert d["__key__"] == "1234567" and set(d) >= {"image.arr", "seg.arr", "meta.json"}
+    frames = {f"image.t{t:03d}.arr" for t in range(50)} | {f"seg.t{t:03d}.arr" for t in range(50)}
+    assert d["__key__"] == "1234567" and set(d) >= frames | {"tabular.arr", "meta.json"}
+    assert "image.arr" not in d and stored_frames(d) == 50 == stored_frames(d, "seg")
     t = UKBSample.from_wds(d)
     for name in ("image", "seg", "seg_valid", "tabular", "diseases"):
         assert np.array_equal(getattr(s, name), getattr(t, name), equal_nan=name == "tabular")
@@ -44,6 +47,27 @@ def test_samples_round_trip_through_the_webdataset_dict():
                      image=np.ones((12, 3, 8, 8), np.float16), meta={"modality": "Cine"})
     k2 = KSpaceSample.from_wds(k.to_wds())
     assert k2.key == k.key and np.array_equal(k2.image, k.image) and k2.meta == k.meta
+
+
+def test_cine_frames_read_alone_and_schema_1_still_reads():
+    """Schema 2 stores cine frame by frame: reading frames 0, 12, 49 decodes only those three members (the others
+    may be absent, as when the shard reader skipped them); a schema-1 sample (one member with every frame) gives
+    the same arrays."""
+    s = _ukb_sample(np.random.default_rng(2))
+    d = s.to_wds()
+    keep = frame_members("image", [0, 12, 49])
+    only = {k: v for k, v in d.items() if k in keep or not k.startswith("image.")}
+    assert np.array_equal(read_frames(only, "image", [0, 12, 49]), s.image[:, [0, 12, 49]])
+    with pytest.raises(KeyError, match="image.t001.arr"):
+        read_frames(only, "image", [0, 1])
+    old = {"__key__": s.key, **{f"{n}.arr": encode_array(getattr(s, n)) for n in ("image", "seg", "seg_valid",
+                                                                               "tabular", "diseases", "phenotypes")},
+           "meta.json": d["meta.json"]}
+    assert np.array_equal(read_frames(old, "image", [0, 12, 49]), s.image[:, [0, 12, 49]])
+    t = UKBSample.from_wds(old)
+    assert np.array_equal(t.image, s.image) and np.array_equal(t.seg, s.seg)
+    # one frame of 9 planes compresses on its own about as well as inside the whole array
+    assert sum(len(d[m]) for m in frame_members("image", range(50))) < 1.05 * len(old["image.arr"])
 
 
 def test_split_is_stable_and_balanced():

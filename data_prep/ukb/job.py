@@ -84,8 +84,8 @@ class UKBDataset:
 
     def arrays(self) -> dict[str, ArraySpec]:
         P, T, S = self.preprocess.sa_planes + 3, self.preprocess.frames, self.preprocess.crop
-        return {"image": ArraySpec((P, T, S, S), "float16", (1, 1, S, S)),
-                "seg": ArraySpec((P, T, S, S), "uint8", (1, 1, S, S)),
+        return {"image": ArraySpec((P, T, S, S), "float16", (P, 1, S, S)),  # a chunk: one frame
+                "seg": ArraySpec((P, T, S, S), "uint8", (P, 1, S, S)),
                 "seg_valid": ArraySpec((P,), "bool", (P,), False),
                 "tabular": ArraySpec((self.n_features,), "float32", (self.n_features,), np.nan),
                 "diseases": ArraySpec((len(DISEASES),), "int8", (len(DISEASES),), -1),

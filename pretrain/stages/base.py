@@ -100,5 +100,6 @@ def ukb_eval_transform(cfg, manifest: Manifest):
     offset or segmentations (deterministic)."""
     from dataclasses import replace
 
-    plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False)
+    plain = replace(cfg.data, rotation_deg=0.0, flip=False, contrast=0.0, temporal_offset=False, seg=False,
+                    augment_on="loader")
     return SampleTransform(plain, cfg.train.seed, manifest.tabular_stats(), frames=cfg.model.frames)

@@ -8,6 +8,7 @@ from pretrain import evaluate as ev
 from pretrain.data import list_shards
 from pretrain.models.vit import MaskedAutoencoder, flops_per_sample
 from pretrain.stages.base import Stage, register_stage, ukb_eval_transform
+from pretrain.transforms import augment_batch
 
 
 class MAEStage(Stage):
@@ -20,7 +21,7 @@ class MAEStage(Stage):
         return None if train else ukb_eval_transform(cfg, manifest)
 
     def inputs(self, cfg, batch, device, dtype):
-        return {"images": batch["image"].to(device, dtype, non_blocking=True)}
+        return {"images": augment_batch(batch, device).to(dtype)}
 
     def flops(self, cfg, model):
         return flops_per_sample(cfg.model, cfg.mae, train=True)

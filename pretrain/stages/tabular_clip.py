@@ -6,6 +6,7 @@ from __future__ import annotations
 from pretrain import evaluate as ev
 from pretrain.models.clip import ImageTabularCLIP
 from pretrain.stages.base import Stage, init_encoder, register_stage, ukb_eval_transform
+from pretrain.transforms import augment_batch
 
 
 class TabularCLIPStage(Stage):
@@ -21,7 +22,7 @@ class TabularCLIPStage(Stage):
         return None if train else ukb_eval_transform(cfg, manifest)
 
     def inputs(self, cfg, batch, device, dtype):
-        return {"images": batch["image"].to(device, dtype, non_blocking=True),
+        return {"images": augment_batch(batch, device).to(dtype),
                 "tab_values": batch["tabular_values"].to(device, non_blocking=True),
                 "tab_missing": batch["tabular_missing"].to(device, non_blocking=True)}
 
