@@ -27,6 +27,13 @@ def update_benchmarks(text: str, header: str) -> None:
     print(f"updated {path} ({header})")
 
 
+# metadata sentences of the shape MetaCLIP-CMR's text encoder sees (benchmarks without a k-space dataset)
+SENTENCES = [f"{m} cardiac MR, {v} view, {vendor} {t} T {model} scanner, centre {c}"
+             for m in ("cine", "LGE", "T1 map", "T2 map") for v in ("short-axis", "4-chamber", "2-chamber")
+             for vendor, t, model in (("Siemens", "3.0", "Vida"), ("Philips", "1.5", "Ingenia"), ("GE", "3.0", "MR750"))
+             for c in ("001", "002")]
+
+
 def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Module:
     """The stage's model through the stage's own builder (`pretrain.stages`), with random weights
     (`checkpoint.init_from` is ignored: speed and memory do not depend on the values). Stage II needs the dataset's
@@ -42,6 +49,10 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
     stage = get_stage(cfg.stage)
     if dataset is not None:
         return stage.build_model(cfg, Manifest.load(dataset))
+    if cfg.stage == "metaclip":  # the text vocabulary comes from the dataset's sentences: stand-ins will do
+        from pretrain.models.metaclip import MetaCLIP
+
+        return MetaCLIP(cfg.model, cfg.metaclip, SENTENCES, seed=cfg.train.seed)
     if cfg.stage != "tabular_clip":  # Stage I reads nothing of the dataset: a manifest of no data will do
         return stage.build_model(cfg, Manifest.from_dict(ROOT, {"dataset": "ukb"}))
     from data_prep.ukb.feature_spec import load_feature_spec
@@ -53,26 +64,24 @@ def stage_model(cfg: PretrainConfig, dataset: Path | None = None) -> torch.nn.Mo
 
 
 def stage_engine(cfg: PretrainConfig, world: int, dataset: Path | None = None):
-    """(model, DeepSpeed engine) as the trainer builds them: `stage_model`, its activation checkpointing, AdamW over
-    `param_groups`, the `lr_lambda` schedule, `deepspeed_config`."""
-    import deepspeed
-    import torch
-
-    from pretrain.train import deepspeed_config, lr_lambda, param_groups
+    """(model, DeepSpeed engine) as the trainer builds them: `stage_model`, its activation checkpointing and
+    `train.compile`, then `pretrain.train.build_engine` (AdamW over `param_groups`, `optim.fused`, the schedule,
+    `deepspeed_config`)."""
+    from pretrain.models.vit import compile_blocks
+    from pretrain.train import build_engine
 
     model = stage_model(cfg, dataset)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 1000))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world))
-    return model, engine
+    if cfg.train.compile:
+        compile_blocks(model)
+    return model, build_engine(cfg, model, world, 1000)
 
 
 def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device: torch.device,
                  dtype: torch.dtype) -> dict:
     """An in-memory batch as the stage's loader yields it (images in [0, 1]; Stage II: normalised tabular values,
-    valid category indices, 20 % missing), through the stage's `inputs`."""
+    valid category indices, 20 % missing; MetaCLIP-CMR: slices x frames z-scored images per sequence and its
+    sentence), through the stage's `inputs`."""
     import torch
 
     from pretrain.stages import get_stage
@@ -84,6 +93,15 @@ def stage_inputs(cfg: PretrainConfig, model: torch.nn.Module, batch: int, device
 
         values, missing = random_table(model.tabular.schema, batch)
         out.update(tabular_values=values, tabular_missing=missing)
+    elif cfg.stage == "metaclip":  # KSpaceTransform's output: slices x frames single images per sequence
+        mc = cfg.metaclip
+        n = mc.slices * mc.max_frames
+        g = torch.Generator().manual_seed(0)
+        out = {"image": torch.randn(batch, n, mc.image_size, mc.image_size, generator=g),
+               "valid": torch.ones(batch, n, dtype=torch.bool),
+               "text": [SENTENCES[i % len(SENTENCES)] for i in range(batch)],
+               "modality": torch.randint(0, 4, (batch,), generator=g),
+               "view": torch.randint(0, 3, (batch,), generator=g), "view_valid": torch.ones(batch, dtype=torch.bool)}
     elif cfg.stage != "mae":
-        raise ValueError(f"stage {cfg.stage!r}: no in-memory batches (Stage I and II only)")
+        raise ValueError(f"stage {cfg.stage!r}: no in-memory batches")
     return get_stage(cfg.stage).inputs(cfg, out, device, dtype)

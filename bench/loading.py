@@ -1,11 +1,19 @@
 """Data-loading throughput (subjects/s) for ViTa Stage I samples -- 9 planes x 5 of 50 frames x 128^2, the
-augmentations on -- three ways, in one run, on the same machine and the same subjects:
+augmentations on -- several ways, in one run, on the same machine and the same subjects:
 
   (a) shards   the WebDataset shards through the real training loader (`pretrain.data.build_loader`: shard
-               streams, shuffle buffer, `SampleTransform` = decode all 50 stored frames, keep 5, flip / rotate /
-               gamma), batches collated in the calling process as in training;
-  (b) zarr     the Zarr store by random access (`finetune.data.SubjectDataset`, train=True: the 9 x 5 image
-               chunks of one subject, then the same augmentation), through a torch DataLoader with the same
+               streams, shuffle buffer, `SampleTransform`), batches collated in the calling process as in training,
+               side by side for the two shard layouts and the two places augmentation can run:
+      shards-v1     schema 1 (the layout before cine was stored frame by frame): one member with all 50 frames of
+                    every plane, decoded whole, 5 frames kept, flip / rotate / gamma in the loader (a copy of the
+                    converted shards rewritten to that layout here);
+      shards        schema 2: one member per frame, the reader reads and decodes only the 5 selected frames,
+                    augmentation in the loader;
+      shards-batch  schema 2 with `data.augment_on=batch`: the loader reads, decodes and selects; flips /
+                    rotations / gamma run on the batch on the training device (`augment_batch`), not counted
+                    here (its CPU cost per batch is reported separately);
+  (b) zarr     the Zarr store by random access (`finetune.data.SubjectDataset`, train=True: the 5 frame chunks of
+               one subject, then the same augmentation), through a torch DataLoader with the same
                workers and batch size, subjects drawn at random with replacement;
   (c) nifti    the per-subject NIfTI files read on the fly, two ways, through the same DataLoader:
       nifti-ref       as the reference ViTa / CineMA loaders do: `nibabel.load(...).get_fdata()` of the whole
@@ -22,8 +30,9 @@ For each way and each `--workers` K the rate is taken over `--samples` subjects 
 start-up, first reads and the shuffle buffer's first fill excluded, reported separately), `--repeats` times,
 interleaved; the best rate is reported (all are in the JSON). The rates are then set
 against the measured H100 Stage I step rates (bench/results/pretrain_step_h100.json): loader workers per GPU
-needed at the measured per-worker rate. A split of the shard path's per-sample cost (tar read, Blosc decode of
-the 50 stored frames, select + augment) against a 5-frame decode and a Zarr 5-frame read is measured in-process.
+needed at the measured per-worker rate. A split of the shard paths' per-sample cost (tar read, Blosc decode,
+select, augment) for both layouts and a Zarr 5-frame read is measured in-process, and the bytes per subject of
+both shard layouts against the source NIfTI.
 
     python bench/loading.py [--cohort DIR] [--converted DIR] [--subjects 16] [--workers 0 2] [--samples 64]
                             [--nifti-samples 16] [--batch 4] [--repeats 2] [--out bench/results/loading.json]
@@ -92,6 +101,38 @@ def ensure_data(args, tmp: Path) -> tuple[Path, Path, dict]:
     return cohort, conv, made
 
 
+def schema1_copy(conv: Path, out: Path) -> Path:
+    """The converted dataset with its shards rewritten to schema 1 (whole `image.arr` / `seg.arr` members with all
+    frames, as written before cine was stored frame by frame); the manifest, metadata and Zarr store are shared."""
+    import webdataset as wds
+
+    from core.format import encode_array, read_frames
+    from core.manifest import Manifest
+    from pretrain.data import _read_shard
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(conv):
+        if name != "shards":
+            os.symlink(conv / name, out / name)
+    for shard in Manifest.load(conv).shards:
+        src, dst = conv / shard["path"], out / shard["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as f:
+            tar = wds.TarWriter(f, encoder=False, mtime=0.0)
+            for raw in _read_shard(str(src)):
+                whole = {"__key__": raw["__key__"], **{k: v for k, v in raw.items()
+                                                       if not k.startswith(("__", "image.t", "seg.t"))}}
+                for field in ("image", "seg"):
+                    whole[f"{field}.arr"] = encode_array(read_frames(raw, field))
+                tar.write(whole)
+            tar.close()
+    return out
+
+
+def nbytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
 def augment(image: torch.Tensor, key: str, epoch: int, seed: int = 0) -> torch.Tensor:
     """The training augmentation (DataConfig defaults: rotation +-10 deg, flips, gamma 1 +- 0.1) of (P, 5, H, W)."""
     from pretrain.config import DataConfig
@@ -105,8 +146,9 @@ def augment(image: torch.Tensor, key: str, epoch: int, seed: int = 0) -> torch.T
 class NiftiReference(Dataset):
     """(c) nifti-ref: whole volumes through nibabel + get_fdata() at every access, then index (see the docstring)."""
 
-    def __init__(self, src: Path, keys: list[str], metas: dict[str, dict], crop: int = 128):
-        self.src, self.keys, self.metas, self.crop = src, keys, metas, crop
+    def __init__(self, src: Path, keys: list[str], metas: dict[str, dict], crop: int = 128,
+                 fov_mm: float | None = None):
+        self.src, self.keys, self.metas, self.crop, self.fov_mm = src, keys, metas, crop, fov_mm
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -129,7 +171,7 @@ class NiftiReference(Dataset):
             view, k = ("sa", meta["sa_slices"][int(name[3:])]) if name.startswith("sa_") else (name, 0)
             ci, cj = meta["crop_centres"][name]
             x, _, _ = store_plane(vols[view][:, :, k, :][..., idx], None, imgs[view].affine, k, ci, cj, self.crop,
-                                  meta.get("fov_mm"))  # (S, S, 5), resampled as the conversion did
+                                  self.fov_mm)  # (S, S, 5), resampled as the conversion did
             lo, hi = np.percentile(x, (1.0, 99.5))
             planes.append(np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).transpose(2, 0, 1))
         image = torch.from_numpy(np.stack(planes).astype(np.float32))
@@ -190,59 +232,73 @@ def time_batches(batches, n: int, warmup: int) -> dict:
             "subjects_per_s": got / (t2 - t1)}
 
 
-def split_costs(conv: Path, n: int) -> dict:
-    """Per-sample ms of the shard path, in-process: tar read, Blosc decode of all stored frames, select + augment
-    (the full SampleTransform minus the decode), against a 5-frame decode and a Zarr 5-frame read."""
-    from core.format import StoreReader, decode_array, encode_array
+def split_costs(conv: Path, conv_v1: Path, n: int) -> dict:
+    """Per-sample ms, in-process, of both shard layouts: tar read (schema 1: every member; schema 2: the members
+    the transform uses, the rest seeked over), Blosc decode, select + augment, and the whole `SampleTransform`;
+    the per-batch CPU cost of `augment_batch`; a Zarr 5-frame read."""
+    from core.format import StoreReader, decode_array, read_frames
     from core.manifest import Manifest
     from pretrain.config import DataConfig
-    from pretrain.data import _read_shard, list_shards
-    from pretrain.transforms import SampleTransform, select_frames
+    from pretrain.data import _read_shard, collate, list_shards
+    from pretrain.transforms import SampleTransform, augment_batch, select_frames
 
-    raws, t_read = [], 0.0
-    for shard in list_shards(conv, "train"):
-        it = _read_shard(shard.url)
-        while len(raws) < n:
-            t0 = time.perf_counter()
-            raw = next(it, None)
-            t_read += time.perf_counter() - t0
-            if raw is None:
+    stats = Manifest.load(conv).tabular_stats()
+    tf = SampleTransform(DataConfig(), 0, stats, frames=FRAMES)
+    tf_batch = SampleTransform(DataConfig(augment_on="batch"), 0, stats, frames=FRAMES)
+
+    def read(dataset: Path, select) -> tuple[list[dict], float]:
+        raws, t = [], 0.0
+        for shard in list_shards(dataset, "train"):
+            it = _read_shard(shard.url, select=select)
+            while len(raws) < n:
+                t0 = time.perf_counter()
+                raw = next(it, None)
+                t += time.perf_counter() - t0
+                if raw is None:
+                    break
+                raws.append(raw)
+            if len(raws) >= n:
                 break
-            raw.pop("seg.arr", None)  # the Stage I loader drops the segmentation before buffering
-            raws.append(raw)
-        if len(raws) >= n:
-            break
-    tf = SampleTransform(DataConfig(), 0, Manifest.load(conv).tabular_stats(), frames=FRAMES)
-    t_dec = t_dec5 = t_all = 0.0
-    stored_bytes = kept_bytes = 0
+        return raws, t
+
+    members = lambda key, suffixes: tf.members(key, 0, suffixes)  # noqa: E731
+    v1, t_read1 = read(conv_v1, members)  # schema 1: the image member is one, read whole
+    v2, t_read2 = read(conv, members)
+    k = len(v2)
+    t = {"dec1": 0.0, "dec2": 0.0, "tf1": 0.0, "tf2": 0.0, "tf2_batch": 0.0, "zarr": 0.0}
     reader = StoreReader(str(conv))
-    t_zarr = 0.0
-    for raw in raws:
+    out = []
+    for r1, r2 in zip(v1, v2):
+        idx = select_frames(50, FRAMES)
         t0 = time.perf_counter()
-        img = decode_array(raw["image.arr"])
-        t_dec += time.perf_counter() - t0
-        idx = select_frames(img.shape[1], FRAMES)
-        five = encode_array(np.ascontiguousarray(img[:, idx]))
+        decode_array(r1["image.arr"])
+        t["dec1"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        decode_array(five)
-        t_dec5 += time.perf_counter() - t0
+        read_frames(r2, "image", idx)
+        t["dec2"] += time.perf_counter() - t0
+        for name, f, r in (("tf1", tf, r1), ("tf2", tf, r2), ("tf2_batch", tf_batch, r2)):
+            t0 = time.perf_counter()
+            o = f(r, 0)
+            t[name] += time.perf_counter() - t0
+        out.append(o)
         t0 = time.perf_counter()
-        tf(raw, 0)
-        t_all += time.perf_counter() - t0
-        stored_bytes += len(raw["image.arr"])
-        kept_bytes += len(five)
-        t0 = time.perf_counter()
-        reader.group["image"].get_orthogonal_selection((reader.rows[raw["__key__"]], slice(None), idx.tolist()))
-        t_zarr += time.perf_counter() - t0
-    k = len(raws)
-    ms = lambda t: round(1e3 * t / k, 2)  # noqa: E731
-    return {"samples": k, "stored_frames": int(img.shape[1]), "kept_frames": FRAMES,
-            "image_shape_stored": list(img.shape),
-            "tar_read_ms": ms(t_read), "decode_all_frames_ms": ms(t_dec), "transform_total_ms": ms(t_all),
-            "select_augment_ms": ms(t_all - t_dec), "decode_5_frames_ms": ms(t_dec5),
-            "zarr_read_5_frames_ms": ms(t_zarr),
-            "image_member_mib": round(stored_bytes / k / 2**20, 2),
-            "five_frame_member_mib": round(kept_bytes / k / 2**20, 2)}
+        reader.group["image"].get_orthogonal_selection((reader.rows[r2["__key__"]], slice(None), idx.tolist()))
+        t["zarr"] += time.perf_counter() - t0
+    batch = collate(out[:4])
+    t0 = time.perf_counter()
+    for _ in range(3):
+        augment_batch(batch, torch.device("cpu"))
+    t_aug_batch = (time.perf_counter() - t0) / 3
+    ms = lambda x: round(1e3 * x / k, 2)  # noqa: E731
+    size = lambda raws, pre: sum(len(v) for r in raws for m, v in r.items() if m.startswith(pre)) / k / 2**20  # noqa
+    return {"samples": k, "stored_frames": 50, "kept_frames": FRAMES,
+            "v1_tar_read_ms": ms(t_read1), "v1_decode_all_frames_ms": ms(t["dec1"]),
+            "v1_transform_ms": ms(t["tf1"]), "v1_image_member_mib": round(size(v1, "image.arr"), 2),
+            "v2_tar_read_ms": ms(t_read2), "v2_decode_5_frames_ms": ms(t["dec2"]),
+            "v2_transform_ms": ms(t["tf2"]), "v2_transform_no_augment_ms": ms(t["tf2_batch"]),
+            "v2_image_members_read_mib": round(size(v2, "image.t"), 2),
+            "augment_batch_cpu_ms_per_sample": round(1e3 * t_aug_batch / len(batch["key"]), 2),
+            "zarr_read_5_frames_ms": ms(t["zarr"])}
 
 
 # --- the report -------------------------------------------------------------------------------------------------
@@ -259,7 +315,9 @@ def gpu_rates() -> tuple[dict, str]:
 
 
 WAYS = {
-    "shards": "(a) WebDataset shards, training loader (`build_loader`)",
+    "shards-v1": "(a) shards, schema 1 (all 50 frames in one member), augmentation in the loader",
+    "shards": "(a) shards, frame by frame (5 frames read), augmentation in the loader",
+    "shards-batch": "(a) shards, frame by frame, augmentation on the batch (`augment_on=batch`)",
     "zarr": "(b) Zarr store, random access (`SubjectDataset`)",
     "nifti-ref": "(c) NIfTI, nibabel `get_fdata()` of whole volumes per access",
     "nifti-pipeline": "(c') NIfTI, `read_ukb_nifti_dir` + `preprocess` per access",
@@ -293,13 +351,18 @@ def markdown(res: dict) -> str:
     lines += ["", f"Workers per GPU = ceil(GPU samples/s / the one-process rate (0 workers)); GPU rates: the H100 "
               f"Stage I steps above (paper shape {g_paper:.0f} samples/s, width 1024 {g_fast:.0f} samples/s, "
               f"micro-batch 32 on one GPU).",
-              "", f"Where a shard sample's time goes (in-process, per subject, {s['samples']} subjects): tar read "
-              f"{s['tar_read_ms']:.1f} ms, Blosc decode of all {s['stored_frames']} stored frames "
-              f"{s['decode_all_frames_ms']:.1f} ms ({s['image_member_mib']:.1f} MiB member), select 5 frames + "
-              f"augment {s['select_augment_ms']:.1f} ms; the same subject stored with only its 5 frames would decode "
-              f"in {s['decode_5_frames_ms']:.1f} ms ({s['five_frame_member_mib']:.2f} MiB), and the Zarr store reads "
-              f"its 9 x 5 chunks in {s['zarr_read_5_frames_ms']:.1f} ms. The Stage I loader decodes "
-              f"{s['stored_frames'] // s['kept_frames']}x the frames it keeps."]
+              "", f"Where a shard sample's time goes (in-process, per subject, {s['samples']} subjects). Schema 1: "
+              f"tar read {s['v1_tar_read_ms']:.1f} ms, Blosc decode of all {s['stored_frames']} frames "
+              f"{s['v1_decode_all_frames_ms']:.1f} ms ({s['v1_image_member_mib']:.1f} MiB member), the whole "
+              f"transform {s['v1_transform_ms']:.1f} ms. Frame by frame: tar read of the used members "
+              f"{s['v2_tar_read_ms']:.1f} ms ({s['v2_image_members_read_mib']:.2f} MiB of image), decode of the 5 "
+              f"frames {s['v2_decode_5_frames_ms']:.1f} ms, the whole transform {s['v2_transform_ms']:.1f} ms, "
+              f"{s['v2_transform_no_augment_ms']:.1f} ms without the augmentation (which `augment_batch` runs on the "
+              f"batch: {s['augment_batch_cpu_ms_per_sample']:.1f} ms per sample on this CPU, a small fraction of "
+              f"that on a GPU). Zarr: 5 frame chunks in {s['zarr_read_5_frames_ms']:.1f} ms.",
+              "", f"Bytes per subject: source NIfTI {s['nifti_mib_per_subject']:.1f} MiB, shards frame by frame "
+              f"{s['shards_v2_mib_per_subject']:.1f} MiB ({s['shards_v2_mib_per_subject'] / s['nifti_mib_per_subject']:.2f}x), "
+              f"schema 1 {s['shards_v1_mib_per_subject']:.1f} MiB."]
     ratios = [max(r["subjects_per_s_all"]) / min(r["subjects_per_s_all"]) for r in res["runs"]
               if min(r["subjects_per_s_all"]) > 0]
     busy = m["loadavg_start"][0] >= m["cpus"]
@@ -341,6 +404,7 @@ def main() -> None:
     try:
         load0 = os.getloadavg()
         cohort, conv, made = ensure_data(args, tmp)
+        conv_v1 = schema1_copy(conv, tmp / "converted-schema1")
         reader = StoreReader(str(conv))
         keys = reader.keys("train")
         metas = {k: reader.meta(k) for k in keys}
@@ -356,16 +420,18 @@ def main() -> None:
         for rep in range(args.repeats):  # interleaved, so that a busy spell of the shared machine hits all ways
             for w in args.workers:
                 for way in args.ways:
-                    n = args.samples if way in ("shards", "zarr") else args.nifti_samples
-                    if way == "shards":
-                        cfg = DataConfig(dataset=conv, workers=w, frames=FRAMES)
-                        batches = build_loader(conv, cfg, rank=0, world_size=1, batch_size=args.batch, seed=rep,
+                    n = args.samples if way.startswith(("shards", "zarr")) else args.nifti_samples
+                    if way.startswith("shards"):
+                        where = conv_v1 if way == "shards-v1" else conv
+                        cfg = DataConfig(dataset=where, workers=w, frames=FRAMES,
+                                         augment_on="batch" if way == "shards-batch" else "loader")
+                        batches = build_loader(where, cfg, rank=0, world_size=1, batch_size=args.batch, seed=rep,
                                                frames=FRAMES)
                     else:
                         if way == "zarr":
                             ds = SubjectDataset(conv, "train", "phenotypes", vit, train=True, seed=rep)
                         elif way == "nifti-ref":
-                            ds = NiftiReference(cohort / "ukb", keys, metas, pcfg.crop)
+                            ds = NiftiReference(cohort / "ukb", keys, metas, pcfg.crop, pcfg.fov_mm)
                         else:
                             ds = NiftiPipeline(cohort / "ukb", keys, pcfg)
                         batches = random_access_loader(ds, w, args.batch, n + args.batch, seed=rep)
@@ -383,7 +449,14 @@ def main() -> None:
                              "subjects_per_s_all": [round(t["subjects_per_s"], 3) for t in ts],
                              "startup_s_all": [t["startup_s"] for t in ts]})
 
-        split = split_costs(conv, min(len(keys), 12))
+        split = split_costs(conv, conv_v1, min(len(keys), 12))
+        every = reader.keys()
+        sizes = {"nifti_mib_per_subject": nbytes(f for k in every for f in (cohort / "ukb" / k).glob("*.nii*"))
+                 / len(every) / 2**20,
+                 "shards_v2_mib_per_subject": nbytes((conv / "shards").rglob("*.tar")) / len(every) / 2**20,
+                 "shards_v1_mib_per_subject": nbytes((conv_v1 / "shards").rglob("*.tar")) / len(every) / 2**20}
+        sizes = {k: round(v, 2) for k, v in sizes.items()}
+        split.update(sizes)
         rates, src = gpu_rates()
         needed = {}
         for way in args.ways:
@@ -409,9 +482,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1) + "\n")
         print()
-        print(f"shard sample cost (ms/subject): tar read {split['tar_read_ms']}, decode all {split['stored_frames']} "
-              f"frames {split['decode_all_frames_ms']}, select+augment {split['select_augment_ms']}; a 5-frame member "
-              f"would decode in {split['decode_5_frames_ms']}; Zarr 5-frame read {split['zarr_read_5_frames_ms']}")
+        print("shard sample cost (ms/subject): " + ", ".join(f"{k} {v}" for k, v in split.items()))
         print(f"GPU rates ({src}):")
         for g, v in rates.items():
             print(f"  {GPU_ROWS[g]}: {v:.0f} samples/s -> workers per GPU: "

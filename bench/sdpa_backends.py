@@ -3,7 +3,7 @@
 ViTa's encoder is 1025 wide with 5 heads, i.e. head dim 205 — not a multiple of 8, which the flash kernels
 require. This compares every SDPA backend at the paper's sequence lengths (9 planes x 256 patches = 2304
 tokens; 691 visible at 70 % masking) for several head dims, so the model config can pick a shape the fused
-kernels accept. Writes JSON (default bench/results/sdpa_backends.json) and prints a table.
+kernels accept (5 x 208: the zero-padded heads `pretrain.models.vit.Attention` runs). Writes JSON (default bench/results/sdpa_backends.json) and prints a table.
 
     python bench/sdpa_backends.py [--out FILE] [--iters N]
 """
@@ -53,7 +53,7 @@ def main() -> None:
     batch = 32 if cuda else 2
     rows = []
     for tokens in (691, 2304):
-        for heads, head_dim in ((5, 205), (8, 128), (16, 64), (4, 256)):
+        for heads, head_dim in ((5, 205), (5, 208), (8, 128), (16, 64), (4, 256)):
             shape = (batch, heads, tokens, head_dim)
             q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             for name, backend in BACKENDS.items():

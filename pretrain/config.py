@@ -143,6 +143,9 @@ class OptimConfig:
     # the image encoder's learning rate as a fraction of `lr` (contrastive stages from an earlier stage's export:
     # < 1 keeps more of it); 1: one learning rate for all, as in the papers
     encoder_lr_scale: float = 1.0
+    # torch's fused AdamW kernel (one launch for all parameters, CUDA and CPU) inside DeepSpeed's ZeRO 0-2
+    # optimizer wrapper; off: the default (foreach) implementation. The same update up to float rounding.
+    fused: bool = False
 
 
 @dataclass
@@ -157,6 +160,7 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 2
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every transformer block (a block that fails to compile runs eagerly)
     seed: int = 0
     log_every: int = 10
     image_every: int = 500  # reconstruction grids in TensorBoard every this many steps; 0: never

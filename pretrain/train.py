@@ -31,7 +31,7 @@ from core.manifest import Manifest
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
-from pretrain.models.vit import num_tokens, sdpa_backend_report
+from pretrain.models.vit import compile_blocks, num_tokens, sdpa_backend_report
 from pretrain.schedule import warmup_cosine
 from pretrain.stages import Stage, get_stage
 
@@ -109,7 +109,8 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world: int, steps_
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.encoder_lr_scale)
     for g in groups:
         g["lr"] = cfg.optim.lr * g.pop("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  **({"fused": True} if cfg.optim.fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     ds_config = deepspeed_config(cfg, world)
     if universal:
@@ -208,6 +209,7 @@ def train(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = stage.build_model(cfg, manifest, run_dir, rank)
     model.set_grad_checkpointing(cfg.train.activation_checkpointing)
+    compiled = compile_blocks(model) if cfg.train.compile else 0
     loader = build_loader(cfg.data.dataset, cfg.data, rank=rank, world_size=world, batch_size=cfg.train.micro_batch,
                           seed=cfg.train.seed, frames=cfg.model.frames, transform=stage.transform(cfg, manifest, True))
     steps_per_epoch = max(1, (cfg.train.samples_per_epoch or loader.samples_per_epoch) // cfg.train.global_batch)
@@ -245,6 +247,8 @@ def train(cfg: PretrainConfig) -> dict:
                  and cfg.tabular.image_feature_norm == "batchnorm" and cfg.train.micro_batch < cfg.train.global_batch
                  else "")
               + f"; {total_steps} steps; attention: {backend}"
+              + (f"; {compiled} transformer blocks compiled" if compiled else "")
+              + ("; fused AdamW" if cfg.optim.fused else "")
               + (f"; resumed from {state['tag']} at step {step}" if state else ""), flush=True)
     flops = stage.flops(cfg, model)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),

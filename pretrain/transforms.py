@@ -124,8 +124,8 @@ def augment_image(image: torch.Tensor, angles, flips, gamma=1.0, seg: Optional[t
 
 def augment_batch(batch: dict, device: torch.device) -> torch.Tensor:
     """The batch's images (B, P, T, H, W) on `device`, augmented there when the loader left it to the batch
-    (`data.augment_on: batch`: the samples carry aug_angles / aug_flips (B, P) and aug_gamma (B,)); the same
-    parameters as the per-sample path, applied to all B * P planes in one call."""
+    (`data.augment_on: batch`: the samples carry their stored float16 frames and aug_angles / aug_flips (B, P),
+    aug_gamma (B,)); the same parameters as the per-sample path, applied to all B * P planes in one call."""
     image = batch["image"].to(device, non_blocking=True)
     if "aug_angles" not in batch:
         return image
@@ -192,7 +192,9 @@ class SampleTransform:
         prm = augment_params(self.seed, key, epoch, P, T, self._cfg)
         sel = self._plane_index(P)
         pidx = list(range(P)) if sel is None else sel
-        image = torch.from_numpy(np.ascontiguousarray(image[pidx], dtype=np.float32))
+        # augmentation on the batch: the stored float16 travels (half the bytes), the device converts it
+        dtype = image.dtype if self.cfg.augment_on == "batch" else np.float32
+        image = torch.from_numpy(np.ascontiguousarray(image[pidx], dtype=dtype))
         seg = None
         if self.cfg.seg:
             seg = torch.from_numpy(np.ascontiguousarray(read_frames(raw, "seg", idx)[pidx], dtype=np.uint8))

@@ -256,6 +256,22 @@ def test_zero3_and_encoder_export(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_blocks_fused_adamw_and_batch_augmentation_train_as_the_default_step(shards, tmp_path):
+    """The fast step of issue 17 (`train.compile`, `optim.fused`, `data.augment_on=batch`) on two CPU ranks: the same
+    samples, augmentations and masks as the default run, so the same losses up to float rounding (inductor's and the
+    fused kernel's summation order)."""
+    few = ["train.epochs=2", "train.samples_per_epoch=16", "train.log_every=1"]
+    _run(tmp_path / "eager", shards, *few)
+    out = _run(tmp_path / "fast", shards, *few, "train.compile=true", "optim.fused=true", "data.augment_on=batch")
+    assert "transformer blocks compiled" in out and "fused AdamW" in out
+    eager, fast = _metrics(tmp_path / "eager"), _metrics(tmp_path / "fast")
+    assert sorted(eager) == sorted(fast) == [1, 2, 3, 4]
+    for step in eager:
+        assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-3), step
+    assert eager[4]["loss"] != eager[1]["loss"]
+
+
+@pytest.mark.slow
 def test_bf16_under_the_deepspeed_launcher(shards, tmp_path):
     out = _run(tmp_path / "run", shards, "train.epochs=1", "train.samples_per_epoch=16", "train.precision=bf16",
                launcher="deepspeed")

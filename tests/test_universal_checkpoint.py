@@ -23,7 +23,7 @@ from test_gradcache import G, _batch, _micro_batches, _model
 pytestmark = pytest.mark.slow  # not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("mae", "tabular_clip", "metaclip")
+STAGES = ("mae", "tabular_clip", "metaclip", "mae+fused")  # +fused: torch's fused AdamW (`optim.fused`)
 ZERO = (0, 1, 2, 3)
 ACCUMULATION, STEPS = 2, 2
 CONFIGS = {"mae": "vita_stage1_tiny.yaml", "tabular_clip": "vita_stage2_tiny.yaml", "metaclip": "metaclip_cmr_tiny.yaml"}
@@ -33,8 +33,10 @@ def _cfg(stage: str, zero: int, world: int):
     from core.config import load_config
     from pretrain.config import PretrainConfig
 
-    return load_config(PretrainConfig, ROOT / "configs/pretrain" / CONFIGS[stage],
-                       [f"train.global_batch={G}", f"train.micro_batch={G // (world * ACCUMULATION)}",
+    base, _, variant = stage.partition("+")
+    return load_config(PretrainConfig, ROOT / "configs/pretrain" / CONFIGS[base],
+                       [f"optim.fused={variant == 'fused'}", f"train.global_batch={G}",
+                        f"train.micro_batch={G // (world * ACCUMULATION)}",
                         f"train.zero_stage={zero}", "train.activation_checkpointing=false",
                         "checkpoint.init_from=null", "optim.warmup_epochs=1"])
 
@@ -44,7 +46,7 @@ def _build(stage: str, zero: int, world: int, universal: bool, perturb: bool):
     from pretrain.train import build_engine
 
     cfg = _cfg(stage, zero, world)
-    if stage == "mae":
+    if stage.startswith("mae"):
         torch.manual_seed(0)
         model = MaskedAutoencoder(cfg.model, cfg.mae)
     else:
@@ -58,7 +60,7 @@ def _build(stage: str, zero: int, world: int, universal: bool, perturb: bool):
 
 
 def _inputs(stage: str) -> dict:
-    if stage == "mae":
+    if stage.startswith("mae"):
         g = torch.Generator().manual_seed(5)
         return {"images": torch.rand(G, 6, 5, 32, 32, generator=g)}
     return _batch(stage)
@@ -88,7 +90,9 @@ def _full_state(engine) -> dict:
             params[name] = [safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "exp_avg"),
                             safe_get_full_optimizer_state(p, "exp_avg_sq")]
         params[name] = [t.detach().clone().cpu() for t in params[name]]
+    torch_adamw = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return {"params": params, "adam_steps": _optimizer_steps(engine), "lr": engine.lr_scheduler.get_last_lr(),
+            "fused": bool(torch_adamw.defaults.get("fused")),
             "scheduler_epoch": engine.lr_scheduler.last_epoch}
 
 
@@ -103,7 +107,7 @@ def _save_worker(rank: int, world: int, ckpt_root: str, cases: list) -> dict:
         for step in range(STEPS):
             micro = _micro_batches(_inputs(stage), world, ACCUMULATION, rank)
             gens = [functools.partial(_generator, 0, step, m, rank) for m in range(ACCUMULATION)]
-            get_stage(stage).train_step(engine, micro, gens, world, torch.device("cpu"))
+            get_stage(stage.partition("+")[0]).train_step(engine, micro, gens, world, torch.device("cpu"))
         checkpoint.save(engine, Path(ckpt_root) / f"{stage}-z{zero}", STEPS, {"samples": STEPS * G},
                         {"loader": {}}, keep=2)
         out[(stage, zero)] = _full_state(engine)
@@ -154,6 +158,7 @@ def test_universal_resume_restores_weights_and_optimizer_state(resumed, directio
             what = f"{stage}, ZeRO-{zero}, {direction} ranks, rank {rank}"
             assert saved["adam_steps"] == [STEPS] and loaded["adam_steps"] == [STEPS], (what, saved, loaded)
             assert loaded["scheduler_epoch"] == saved["scheduler_epoch"] == STEPS, what
+            assert saved["fused"] == loaded["fused"] == stage.endswith("+fused"), what
             assert loaded["lr"] == saved["lr"], what
             assert loaded["params"].keys() == saved["params"].keys(), what
             moved = 0

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import TabularConfig
-from pretrain.models.vit import LN_EPS, Block, _init_weights, _run_block
+from pretrain.models.vit import LN_EPS, Block, _init_weights, _run_block, host_to
 
 KINDS = ("numerical", "binary", "categorical")
 MLP_RATIO = 4.0  # TabularConfig has no MLP ratio; the standard transformer value, as in the image encoder
@@ -112,7 +112,7 @@ def corrupt(values: Tensor, missing: Tensor, p: float, generator: Optional[torch
     donor = torch.empty_like(order)
     donor.scatter_(1, order, order.roll(-1, dims=1))  # donor[f, order[f, i]] = order[f, i + 1]
     chosen = torch.rand(B, F, generator=generator, device=gen_device) < p
-    donor, chosen = donor.t().to(values.device), chosen.to(values.device)  # (B, F)
+    donor, chosen = host_to(donor.t(), values.device), host_to(chosen, values.device)  # (B, F)
     donor_values = values.gather(0, donor)
     donor_missing = missing.gather(0, donor)
     return torch.where(chosen, donor_values, values), torch.where(chosen, donor_missing, missing)

@@ -213,6 +213,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def compile_blocks(model: nn.Module, **kw) -> int:
+    """torch.compile every transformer `Block` of `model` in place (the blocks are where the time goes; the
+    masking, gathers and losses around them stay eager). A block that fails to compile runs eagerly: dynamo's
+    errors are suppressed and it falls back. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # fall back to eager rather than stop a run
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for m in blocks:
+        m.compile(**kw)
+    return len(blocks)
+
+
 def _init_weights(m: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform linears (and the patch embedding as a linear), zero biases."""
     if isinstance(m, (nn.Linear, nn.Conv3d)):
@@ -230,6 +243,14 @@ def _run_block(module: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
     return block(x)
 
 
+def host_to(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor (e.g. noise from a CPU generator, the same on every machine) on `device` without a host sync:
+    a copy from pageable memory to a GPU waits for the stream; from pinned memory it is asynchronous."""
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_masking(x: Tensor, mask_ratio: float, generator: Optional[torch.Generator] = None
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """MAE per-sample random masking: noise -> argsort -> keep the first len_keep tokens of the shuffle.
@@ -243,7 +264,7 @@ def random_masking(x: Tensor, mask_ratio: float, generator: Optional[torch.Gener
         return x, torch.zeros(B, L, dtype=torch.bool, device=x.device), ids
     len_keep = visible_tokens(L, mask_ratio)
     gen_device = generator.device if generator is not None else x.device
-    noise = torch.rand(B, L, generator=generator, device=gen_device).to(x.device)
+    noise = host_to(torch.rand(B, L, generator=generator, device=gen_device), x.device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)  # rank of each token in the shuffle
     x = x.gather(1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
