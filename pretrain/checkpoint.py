@@ -69,13 +69,25 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     import subprocess
     import sys
 
+    import tempfile
+
     ckpt_dir = Path(ckpt_dir)
     utag = f"{tag}_universal"
     if dist.get_rank() == 0 and not (ckpt_dir / utag).exists():
         tmp = ckpt_dir / f".{utag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                              str(ckpt_dir / tag), "--output_folder", str(tmp)], capture_output=True, text=True)
+        # the tool matches its own paths as regular expressions (unescaped): a run directory named e.g. "vit+tab"
+        # fails it. It is given a plain-named link to the checkpoint directory instead.
+        plain = Path(tempfile.mkdtemp(prefix="cmrfm_universal_"))
+        link = plain / "ckpt"
+        link.symlink_to(ckpt_dir.resolve(), target_is_directory=True)
+        try:
+            res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                  str(link / tag), "--output_folder", str(link / tmp.name)],
+                                 capture_output=True, text=True)
+        finally:
+            link.unlink()
+            plain.rmdir()
         if res.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed's universal conversion (needed to resume on another "

@@ -6,7 +6,9 @@ contrastive stages), from 2 ranks to 1 and from 1 to 2.
 Each rank builds the engine the trainer builds (`pretrain.train.build_engine`), takes two optimizer steps with two
 micro-steps of accumulation, saves with `pretrain.checkpoint.save`, and records the consolidated training state
 (`deepspeed.utils.safe_get_full_*`: every partition gathered). A fresh engine on the other number of ranks, from
-other initial weights, loads the checkpoint and must hold the same state, bit for bit.
+other initial weights, loads the checkpoint and must hold the same state, bit for bit. The fused-AdamW cases'
+checkpoint directories are named "mae+fused-z<N>": DeepSpeed's conversion tool reads its paths as regular
+expressions, and a "+" in a run directory broke it (`checkpoint.to_universal` now hands it a plain-named link).
 """
 
 from __future__ import annotations
