@@ -358,8 +358,8 @@ def markdown(res: dict) -> str:
               f"{s['v2_tar_read_ms']:.1f} ms ({s['v2_image_members_read_mib']:.2f} MiB of image), decode of the 5 "
               f"frames {s['v2_decode_5_frames_ms']:.1f} ms, the whole transform {s['v2_transform_ms']:.1f} ms, "
               f"{s['v2_transform_no_augment_ms']:.1f} ms without the augmentation (which `augment_batch` runs on the "
-              f"batch: {s['augment_batch_cpu_ms_per_sample']:.1f} ms per sample on this CPU, a small fraction of "
-              f"that on a GPU). Zarr: 5 frame chunks in {s['zarr_read_5_frames_ms']:.1f} ms.",
+              f"batch: {s['augment_batch_cpu_ms_per_sample']:.1f} ms per sample on this CPU; on the GPU it is one "
+              f"grid_sample over the batch, not measured yet). Zarr: 5 frame chunks in {s['zarr_read_5_frames_ms']:.1f} ms.",
               "", f"Bytes per subject: source NIfTI {s['nifti_mib_per_subject']:.1f} MiB, shards frame by frame "
               f"{s['shards_v2_mib_per_subject']:.1f} MiB ({s['shards_v2_mib_per_subject'] / s['nifti_mib_per_subject']:.2f}x), "
               f"schema 1 {s['shards_v1_mib_per_subject']:.1f} MiB."]

@@ -143,8 +143,8 @@ class OptimConfig:
     # the image encoder's learning rate as a fraction of `lr` (contrastive stages from an earlier stage's export:
     # < 1 keeps more of it); 1: one learning rate for all, as in the papers
     encoder_lr_scale: float = 1.0
-    # torch's fused AdamW kernel (one launch for all parameters, CUDA and CPU) inside DeepSpeed's ZeRO 0-2
-    # optimizer wrapper; off: the default (foreach) implementation. The same update up to float rounding.
+    # torch's fused AdamW kernel (one launch for all parameters, CUDA and CPU) inside DeepSpeed's ZeRO 0-3
+    # optimizers; off: the default (foreach) implementation. The same update up to float rounding.
     fused: bool = False
 
 
