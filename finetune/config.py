@@ -80,6 +80,9 @@ class FinetuneConfig:
     # none: the encoder above; vit_scratch: the same ViT, fresh; resnet50: MONAI's 2D ResNet-50 (planes x frames
     # as channels); mean_guess: no model, the training mean / prevalence
     baseline: Literal["none", "mean_guess", "vit_scratch", "resnet50"] = "none"
+    # the 2D ResNet-50 (sax_segmentation without `encoder`) initialised from ImageNet: a local torchvision-layout
+    # ResNet-50 state dict (e.g. resnet50-11ad3fa6.pth, or .safetensors) the user supplies; nothing is downloaded
+    imagenet_weights: Optional[Path] = None
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     precision: Literal["bf16", "fp32"] = "bf16"

@@ -102,6 +102,54 @@ class UNETRDecoder(nn.Module):
         return self.out(x).reshape(B, P, T, self.classes, H, W)
 
 
+def load_imagenet_resnet50(encoder: nn.Module, path) -> dict:
+    """Initialise MONAI's 2D ResNet-50 `encoder` from ImageNet weights the user supplies as a local file: a
+    torchvision-layout ResNet-50 state dict (`resnet50-*.pth`, torch.save'd, or `.safetensors`). Nothing is
+    downloaded. MONAI names the layers as torchvision does; the differences are bridged:
+      - the first convolution's RGB kernels are summed for a 1-channel input (a grey image x as RGB (x, x, x)
+        gives the same response), or repeated / averaged for other channel counts;
+      - MONAI's shortcut convolutions have a bias torchvision's lack: set to zero (the same function);
+      - the 1000-class `fc` is not used.
+    Any other missing or misshapen tensor is an error naming the file. Returns what was loaded, for the run's
+    metadata."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"imagenet_weights: {path}: no such file (a local torchvision ResNet-50 state dict)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        src = load_file(str(path))
+    else:
+        src = torch.load(path, map_location="cpu", weights_only=True)
+        src = src.get("state_dict", src) if isinstance(src, dict) else src
+    if not isinstance(src, dict):
+        raise ValueError(f"imagenet_weights: {path}: not a state dict")
+    src = {k.removeprefix("module."): v for k, v in src.items()}
+    out, problems = {}, []
+    for name, ref in encoder.state_dict().items():
+        if name not in src:
+            if name.endswith("downsample.0.bias"):
+                out[name] = torch.zeros_like(ref)
+                continue
+            problems.append(f"missing {name}")
+            continue
+        w = src[name].to(ref.dtype)
+        if name == "conv1.weight" and w.shape[1] != ref.shape[1]:
+            c = ref.shape[1]
+            w = w.sum(dim=1, keepdim=True) if c == 1 else w.mean(dim=1, keepdim=True).repeat(1, c, 1, 1) * 3 / c
+        if w.shape != ref.shape:
+            problems.append(f"{name}: {tuple(w.shape)} in the file, {tuple(ref.shape)} in the model")
+            continue
+        out[name] = w
+    if problems:
+        raise ValueError(f"imagenet_weights: {path}: not a ResNet-50 state dict in torchvision's layout: "
+                         + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    encoder.load_state_dict(out)
+    return {"init": "imagenet", "imagenet_weights": str(path), "tensors": len(out)}
+
+
 class ResNetUNetDecoder(nn.Module):
     """A U-Net decoder on MONAI's 2D ResNet-50 as MetaCLIP-CMR pretrains it (stride-1 stem, max-pool, four stages):
     its stem and stage outputs (H, H/2, H/4, H/8, H/16) are the skips of four MONAI `UpCat` blocks back to H, then

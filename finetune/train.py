@@ -31,7 +31,7 @@ from core.manifest import read_training_data
 from finetune import figures, report
 from finetune.config import FinetuneConfig
 from finetune.data import SubjectDataset, loader
-from finetune.models import FinetuneModel, ResNetEncoder, param_groups, precise_batchnorm
+from finetune.models import FinetuneModel, ResNetEncoder, load_imagenet_resnet50, param_groups, precise_batchnorm
 from finetune.tasks import get_task
 from pretrain.config import KSpaceSampling
 from pretrain.export import load_encoder
@@ -50,6 +50,14 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
         vit = cfg.model
         encoder = build_image_encoder("resnet50", vit)[0] if two_d else ResNetEncoder(cfg.model)
         meta = {"encoder": "resnet50"}
+        if cfg.imagenet_weights is not None:
+            if not two_d:
+                raise ValueError("imagenet_weights: only for the 2D ResNet-50 of sax_segmentation (ViTa's ResNet "
+                                 "baseline takes planes x frames as its input channels, not an image)")
+            meta.update(load_imagenet_resnet50(encoder, cfg.imagenet_weights))
+    elif cfg.imagenet_weights is not None:
+        raise ValueError("imagenet_weights initialises the ResNet-50 of sax_segmentation (no `encoder`, or "
+                         "baseline: resnet50); it cannot go with another encoder")
     elif cfg.baseline == "vit_scratch" or cfg.encoder is None:
         vit, encoder = cfg.model, ViTEncoder(cfg.model)
     else:

@@ -265,6 +265,47 @@ def test_segmenter_starts_from_a_metaclip_resnet50_export(acdc18, tmp_path):
         build_model(_seg_cfg(acdc18, tmp_path / "x", f"encoder={vit}"), 0)
 
 
+def test_segmenter_starts_from_local_imagenet_weights(tmp_path):
+    """The ImageNet initialisation from a file the user supplies (nothing downloaded): a ResNet-50 state dict in
+    torchvision's layout (3 input channels, no shortcut-conv biases, a 1000-class fc) loads into MONAI's 1-channel
+    ResNet-50: the RGB kernels summed, every other tensor equal, the shortcut biases zero; a grey image gives the
+    same features as the RGB network on (x, x, x). A file of another architecture is refused naming it."""
+    import torch
+    from monai.networks.nets import resnet50
+    from safetensors.torch import save_file
+
+    from finetune.train import build_model
+
+    torch.manual_seed(5)
+    rgb = resnet50(spatial_dims=2, n_input_channels=3, feed_forward=True, num_classes=1000)
+    for m in rgb.modules():  # non-trivial BatchNorm statistics, as trained weights have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    tv = {k: v for k, v in rgb.state_dict().items() if not k.endswith("downsample.0.bias")}  # torchvision's keys
+    with torch.no_grad():
+        for k in [k for k in rgb.state_dict() if k.endswith("downsample.0.bias")]:
+            rgb.get_parameter(k).zero_()
+    torch.save(tv, tmp_path / "resnet50-imagenet.pth")
+    save_file(tv, str(tmp_path / "resnet50.safetensors"))
+    for f in ("resnet50-imagenet.pth", "resnet50.safetensors"):
+        model, meta = build_model(_seg_cfg(tmp_path, tmp_path / "x", f"imagenet_weights={tmp_path / f}"), 0)
+        assert meta["init"] == "imagenet" and meta["tensors"] == len(model.encoder.state_dict())
+        got = model.encoder.state_dict()
+        assert torch.equal(got["conv1.weight"], tv["conv1.weight"].sum(dim=1, keepdim=True))
+        assert all(torch.equal(got[k], v) for k, v in tv.items() if k in got and k != "conv1.weight")
+        x = torch.rand(2, 1, 64, 64)
+        rgb.fc = torch.nn.Identity()
+        model.encoder.eval(), rgb.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model.encoder(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-3, atol=1e-4)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth: not a ResNet-50"):
+        build_model(_seg_cfg(tmp_path, tmp_path / "x", f"imagenet_weights={tmp_path / 'other.pth'}"), 0)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_model(_seg_cfg(tmp_path, tmp_path / "x", f"imagenet_weights={tmp_path / 'nowhere.pth'}"), 0)
+
+
 def test_the_20_percent_subset_is_seeded_nested_and_stable_when_cases_are_added():
     """The reduced-data regime (`data.train_fraction`): a function of the set of cases (not their order), nested
     (20 % inside 50 %), and adding cases displaces at most as many of the old subset as were added."""
