@@ -150,6 +150,48 @@ def load_imagenet_resnet50(encoder: nn.Module, path) -> dict:
     return {"init": "imagenet", "imagenet_weights": str(path), "tensors": len(out)}
 
 
+class ViTUNETR2D(nn.Module):
+    """UNETR on single 2D images through the ViT's 2D path (`ViTEncoder.intermediate_2d`; MetaCLIP-CMR's ViT
+    variant, or a Stage I export): the last block's tokens at H/p are brought back to H by MONAI's UNETR up blocks,
+    with skips from evenly spaced intermediate blocks (deconvolved to H/2^l) and from the image at full
+    resolution. Square power-of-two patches."""
+
+    def __init__(self, vit: ViTConfig, num_classes: int, width: int):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+        p = vit.patch[1]
+        if vit.patch[1] != vit.patch[2] or p & (p - 1):
+            raise ValueError(f"the 2D UNETR decoder needs a square power-of-two patch, got {vit.patch}")
+        levels = int(math.log2(p))
+        self.patch = p
+        ch = [max(8, width >> (levels - 1 - lv)) for lv in range(levels)]  # full res ... H/2^(L-1); width deepest
+        self.blocks = [round(vit.depth * lv / levels) - 1 for lv in range(1, levels)] + [-1]  # skips, then the last
+        kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
+        self.enc0 = UnetrBasicBlock(in_channels=1, out_channels=ch[0], stride=1, **kw)
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(in_channels=vit.dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
+                           upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(in_channels=vit.dim if lv == levels - 1 else ch[lv + 1], out_channels=ch[lv],
+                         upsample_kernel_size=2, **kw) for lv in range(levels - 1, -1, -1))
+        self.out = UnetOutBlock(spatial_dims=2, in_channels=ch[0], out_channels=num_classes)
+
+    def forward(self, encoder: ViTEncoder, x: Tensor) -> Tensor:
+        """x (N, 1, H, W) -> logits (N, classes, H, W)."""
+        N, _, H, W = x.shape
+        hidden = encoder.intermediate_2d(x[:, 0], self.blocks)
+
+        def grid(tokens: Tensor) -> Tensor:  # (N, gh*gw, D) -> (N, D, gh, gw)
+            return tokens.reshape(N, H // self.patch, W // self.patch, -1).permute(0, 3, 1, 2).contiguous()
+
+        skips = [self.enc0(x)] + [blk(grid(h)) for blk, h in zip(self.skips, hidden[:-1])]
+        y = grid(hidden[-1])
+        for up, skip in zip(self.ups, reversed(skips)):
+            y = up(y, skip)
+        return self.out(y)
+
+
 class ResNetUNetDecoder(nn.Module):
     """A U-Net decoder on MONAI's 2D ResNet-50 as MetaCLIP-CMR pretrains it (stride-1 stem, max-pool, four stages):
     its stem and stage outputs (H, H/2, H/4, H/8, H/16) are the skips of four MONAI `UpCat` blocks back to H, then

@@ -46,7 +46,7 @@ def build_model(cfg: FinetuneConfig, n_out: int) -> tuple[FinetuneModel, dict]:
     hidden = 0 if cfg.protocol.kind == "linear_probe" else cfg.task.head_hidden
     meta: dict = {"encoder": "scratch"}
     two_d = get_task(cfg.task.name).dataset == "sax"  # 2D slices: MetaCLIP-CMR's ResNet-50, one image a slice
-    if cfg.baseline == "resnet50" or (two_d and cfg.encoder is None):
+    if cfg.baseline == "resnet50" or (two_d and cfg.encoder is None and cfg.baseline != "vit_scratch"):
         vit = cfg.model
         encoder = build_image_encoder("resnet50", vit)[0] if two_d else ResNetEncoder(cfg.model)
         meta = {"encoder": "resnet50"}

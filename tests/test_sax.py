@@ -231,9 +231,25 @@ def test_resnet50_segmenter_learns_beyond_the_fixed_mask(acdc18, tmp_path):
     assert "case-level 3D Dice" in (tmp_path / "seg" / "report.md").read_text()
 
 
+def test_vit_segmenter_learns_beyond_the_fixed_mask(acdc18, tmp_path):
+    """The ViT variant (`baseline=vit_scratch`: the tiny ViT, fresh, through its 2D path and a 2D UNETR) scores
+    case-level 3D Dice well above the best fixed mask on the published test cases. A fresh ViT learns slower than
+    the ResNet-50: 20 epochs (measured: mean 0.69 against the fixed mask's 0.34; 8 epochs gave 0.47)."""
+    from finetune.train import fit
+
+    res = fit(_seg_cfg(acdc18, tmp_path / "vit", "baseline=vit_scratch", "optim.epochs=20", "optim.lr=2e-3",
+                       "task.seg_decoder_dim=64"), progress=False)
+    t = res["test"]
+    print("ViT case Dice", {p: {s: round(v["dice"], 3) for s, v in t["case_dice"][p].items()} for p in ("ED", "ES")},
+          "mean", round(t["case_dice_mean"], 3), "fixed mask", round(t["fixed_mask_case_dice_mean"], 3))
+    assert t["n_cases"] == 6
+    assert t["case_dice_mean"] > t["fixed_mask_case_dice_mean"] + 0.2
+
+
 def test_segmenter_starts_from_a_metaclip_resnet50_export(acdc18, tmp_path):
     """The MetaCLIP-CMR initialisation: an exported ResNet-50 (architecture resnet50) is the segmenter's encoder,
-    weight for weight; a ViT export is refused with one line."""
+    weight for weight; a ViT export (Stage I's masked reconstruction, MetaCLIP-CMR's ViT variant) gets the 2D
+    UNETR."""
     import torch
     import yaml
     from safetensors.torch import save_file
@@ -261,8 +277,11 @@ def test_segmenter_starts_from_a_metaclip_resnet50_export(acdc18, tmp_path):
     save_file(ViTEncoder(cfg.model).state_dict(), str(vit / "encoder.safetensors"))
     (vit / "encoder_config.yaml").write_text(yaml.safe_dump({"model": config_to_dict(cfg.model), "stage": "mae",
                                                              "architecture": "vit"}))
-    with pytest.raises(ValueError, match="sax_segmentation needs a ResNet-50 encoder"):
-        build_model(_seg_cfg(acdc18, tmp_path / "x", f"encoder={vit}"), 0)
+    # the masked-reconstruction initialisation: a Stage I (ViT) export goes through the ViT's 2D path and a 2D UNETR
+    model, meta = build_model(_seg_cfg(acdc18, tmp_path / "x", f"encoder={vit}"), 0)
+    from finetune.models import ViTUNETR2D
+
+    assert meta["architecture"] == "vit" and isinstance(model.decoder, ViTUNETR2D)
 
 
 def test_segmenter_starts_from_local_imagenet_weights(tmp_path):

@@ -1,6 +1,8 @@
 """MetaCLIP-CMR's segmentation transfer (Sec. 3.3, Table 3): cine short-axis LV / MYO / RV on ACDC or M&Ms (a `sax`
-dataset, `python -m data_prep sax`), 2D slices through MONAI's ResNet-50 (the MetaCLIP-CMR image encoder, or a
-fresh one) and a U-Net decoder (`finetune.models.ResNetUNetDecoder`), scored by case-level 3D Dice: per case, per
+dataset, `python -m data_prep sax`), 2D slices through MONAI's ResNet-50 (the MetaCLIP-CMR image encoder, ImageNet
+weights from a local file, or a fresh one) and a U-Net decoder (`finetune.models.ResNetUNetDecoder`), or through
+the ViT's 2D path (MetaCLIP-CMR's ViT variant, the Stage I masked-reconstruction export, a fresh ViT) and a 2D
+UNETR (`finetune.models.ViTUNETR2D`), scored by case-level 3D Dice: per case, per
 structure over the whole short-axis stack, at ED and at ES, then the mean over cases (`metrics.volume_dice` with one
 stack per case and phase)."""
 
@@ -10,9 +12,10 @@ import numpy as np
 
 from core.vocab import LABELS, SAX_STRUCTURES
 from finetune import metrics, report
-from finetune.models import ResNetUNetDecoder
+from finetune.models import ResNetUNetDecoder, ViTUNETR2D
 from finetune.tasks.base import Task, finite, register_task
 from finetune.tasks.segmentation import FIXED_MASK, FIXED_MASK_NOTE, fixed_mask
+from pretrain.models.vit import ViTEncoder
 
 CLASSES = 1 + len(SAX_STRUCTURES)  # background, LV, MYO, RV: LABELS' first four
 PHASES = ("ED", "ES")
@@ -24,10 +27,13 @@ class SaxSegmentation(Task):
     precise_bn = True  # a ResNet-50 full of BatchNorm, a few steps an epoch (`models.precise_batchnorm`)
 
     def build_heads(self, model, dim, n_out, hidden, seg_width):
-        if not hasattr(model.encoder, "layer4"):
-            raise ValueError("sax_segmentation needs a ResNet-50 encoder (a MetaCLIP-CMR export with "
-                             "metaclip.image_encoder resnet50, or baseline: resnet50)")
-        model.decoder = ResNetUNetDecoder(CLASSES)
+        if isinstance(model.encoder, ViTEncoder):  # the MetaCLIP-CMR ViT variant, a Stage I export, a fresh ViT
+            model.decoder = ViTUNETR2D(model.vit, CLASSES, seg_width)
+        elif hasattr(model.encoder, "layer4"):
+            model.decoder = ResNetUNetDecoder(CLASSES)
+        else:
+            raise ValueError("sax_segmentation needs MONAI's 2D ResNet-50 (a MetaCLIP-CMR export with "
+                             "metaclip.image_encoder resnet50, baseline: resnet50) or the ViT")
 
     def forward(self, model, batch):
         """image (B, 2, Z, S, S): the ED and ES stacks; only the cases' real slices go through the network."""
@@ -35,7 +41,10 @@ class SaxSegmentation(Task):
         B, P, Z, S, _ = x.shape
         keep = valid[:, None, :].expand(B, P, Z).reshape(-1)
         slices = x.reshape(B * P * Z, 1, S, S)[keep].to(next(model.encoder.parameters()).dtype)
-        logits = model.decoder(ResNetUNetDecoder.features(model.encoder, slices))
+        if isinstance(model.decoder, ViTUNETR2D):
+            logits = model.decoder(model.encoder, slices)
+        else:
+            logits = model.decoder(ResNetUNetDecoder.features(model.encoder, slices))
         out = logits.new_zeros(B * P * Z, CLASSES, S, S)
         out[:, 0] = 1.0  # padded slices: background
         out[keep] = logits.to(out.dtype)

@@ -321,8 +321,8 @@ class ViTEncoder(nn.Module):
         """All L tokens, unmasked, in order: (B, L, dim)."""
         return self.forward(x)[0]
 
-    def forward_2d(self, x: Tensor) -> Tensor:
-        """Single 2D images (N, H, W), e.g. MetaCLIP-CMR's k-space frames -> their tokens (N, H/ph * W/pw, dim).
+    def embed_2d(self, x: Tensor) -> Tensor:
+        """Single 2D images (N, H, W) -> their tokens (N, H/ph * W/pw, dim) with positions, before the blocks.
 
         The same weights as the 3D+T path: each image is a static clip of pt identical frames (so the Conv3d acts
         as a 2D convolution with the kernel summed over time), one plane with the view indicator 0 (the view is
@@ -336,10 +336,27 @@ class ViTEncoder(nn.Module):
         if grid not in self._pos_2d:
             self._pos_2d[grid] = pos_embed_grid(self.cfg.dim, [(1, 0.0)], grid)
         tokens = self.patch_embed(x[:, None, None].expand(N, 1, pt, H, W))
-        tokens = tokens + self._pos_2d[grid].to(tokens.device, tokens.dtype)
+        return tokens + self._pos_2d[grid].to(tokens.device, tokens.dtype)
+
+    def forward_2d(self, x: Tensor) -> Tensor:
+        """Single 2D images (N, H, W), e.g. MetaCLIP-CMR's k-space frames -> their tokens (N, H/ph * W/pw, dim)
+        after the blocks and the final LayerNorm (see `embed_2d`)."""
+        tokens = self.embed_2d(x)
         for blk in self.blocks:
             tokens = _run_block(self, blk, tokens)
         return self.norm(tokens)
+
+    def intermediate_2d(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """Single 2D images (N, H, W) -> the tokens (N, L, dim) after the blocks at `indices` (negative counts from
+        the end; the last block's output gets the final LayerNorm, as in `forward_2d`): a 2D UNETR's skips."""
+        wanted = [i % len(self.blocks) for i in indices]
+        out: dict[int, Tensor] = {}
+        tokens = self.embed_2d(x)
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            tokens = _run_block(self, blk, tokens)
+            if i in wanted:
+                out[i] = self.norm(tokens) if i == len(self.blocks) - 1 else tokens
+        return [out[i] for i in wanted]
 
     def intermediate_layers(self, x: Tensor, indices: Sequence[int], norm: bool = False) -> list[Tensor]:
         """Outputs (B, L, dim) of the blocks at `indices` (negative counts from the end), unmasked, e.g. the skip
