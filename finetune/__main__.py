@@ -46,7 +46,7 @@ def _compare(args) -> int:
 
     cfg = config_from_args(FinetuneConfig, args)
     methods = dict(m.split("=", 1) for m in args.method)
-    _preflight(cfg.data.dataset, cfg.task.name, list(methods.values()))
+    _preflight(cfg.data.dataset, cfg.task.name, [m for m in methods.values() if not m.startswith("imagenet:")])
     baselines = [b for b in args.baselines.split(",") if b]
     fractions = tuple(float(f) for f in args.train_fractions.split(",") if f)
     path = compare(cfg, methods, baselines, fractions)
@@ -92,6 +92,16 @@ def _scaling(args) -> int:
     return 0
 
 
+def _table3(args) -> int:
+    from pathlib import Path
+
+    from finetune.compare import table3
+
+    runs = dict(r.split("=", 1) for r in args.run)
+    print(f"[finetune] Table 3: {table3({k: Path(v) for k, v in runs.items()}, Path(args.out))}")
+    return 0
+
+
 def _demo_report(args) -> int:
     from finetune.demo_report import build
 
@@ -115,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same budget and write one comparison table (comparison.md / .json).")
     add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
     p.add_argument("--method", action="append", default=[], metavar="NAME=ENCODER",
-                   help="an encoder to compare (export or pretraining run directory); repeatable")
+                   help="an encoder to compare (export or pretraining run directory; sax_segmentation also "
+                        "imagenet:FILE, local ImageNet ResNet-50 weights); repeatable")
     p.add_argument("--baselines", default="mean_guess,vit_scratch,resnet50",
                    help="comma-separated: mean_guess, vit_scratch, resnet50 (default: all)")
     p.add_argument("--train-fractions", default="", metavar="F,F,...",
-                   help="phenotypes: also a label-efficiency table, every method (and vit_scratch) fine-tuned on "
-                        "these nested fractions of the labelled training subjects, with the same epochs")
+                   help="also fine-tune every method on these nested fractions of the training split, same epochs: "
+                        "phenotypes a label-efficiency table, other tasks their primary figure per fraction (e.g. "
+                        "sax_segmentation 0.2: MetaCLIP-CMR's 100 %% / 20 %% regimes)")
     p.set_defaults(func=_compare)
     p = sub.add_parser("probe", help="linear probes (ridge) of frozen features per phenotype, against mean-guess")
     add_config_arguments(p, "configs/finetune/vita_phenotypes.yaml")
@@ -153,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scaling", help="probe quality against the number of pretraining subjects -> table + plot")
     add_config_arguments(p, "configs/scaling/demo.yaml")
     p.set_defaults(func=_scaling)
+    p = sub.add_parser("table3", help="MetaCLIP-CMR's Table 3 from sax_segmentation comparisons (one per dataset)")
+    p.add_argument("--run", action="append", default=[], metavar="DATASET=OUT", required=True,
+                   help="a `finetune compare --train-fractions 0.2` output of sax_segmentation; repeatable")
+    p.add_argument("--out", required=True, help="the markdown report to write")
+    p.set_defaults(func=_table3)
     p = sub.add_parser("demo-report", help="the report of `make demo` from what its stages wrote")
     p.add_argument("--demo", default="runs/demo", help="the demo directory (default runs/demo)")
     p.set_defaults(func=_demo_report)

@@ -325,6 +325,35 @@ def test_segmenter_starts_from_local_imagenet_weights(tmp_path):
         build_model(_seg_cfg(tmp_path, tmp_path / "x", f"imagenet_weights={tmp_path / 'nowhere.pth'}"), 0)
 
 
+def test_table3_compares_initialisations_at_both_regimes(acdc18, tmp_path):
+    """`finetune compare --train-fractions` on sax_segmentation fine-tunes every method again on the nested subset
+    (the 20 % regime; 50 % here) and `finetune table3` lays the runs out as MetaCLIP-CMR's Table 3: methods x
+    dataset x fraction of case-level 3D Dice, the best fixed mask beside them, per-structure tables and the
+    figures of representative slices."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from core.config import config_to_dict
+    from finetune.compare import compare, table3
+    from pretrain.models.vit import ViTEncoder
+
+    cfg = _seg_cfg(acdc18, tmp_path / "cmp", "optim.epochs=2", "task.seg_decoder_dim=16")
+    exp = tmp_path / "stage1"
+    exp.mkdir()
+    save_file(ViTEncoder(cfg.model).state_dict(), str(exp / "encoder.safetensors"))
+    (exp / "encoder_config.yaml").write_text(yaml.safe_dump({"model": config_to_dict(cfg.model), "stage": "mae",
+                                                             "architecture": "vit"}))
+    compare(cfg, {"mae": str(exp)}, ["vit_scratch"], (0.5,))
+    reg = json.loads((tmp_path / "cmp" / "regimes" / "regimes.json").read_text())
+    assert set(reg) == {"vit_scratch", "mae"} and all(set(per) == {"1", "0.5"} for per in reg.values())
+    assert reg["mae"]["0.5"]["n_cases"] == 6  # the same test cases; fewer training cases
+    half = json.loads((tmp_path / "cmp" / "regimes" / "0.5" / "mae" / "metrics.json").read_text())
+    assert half["n"]["train"] < json.loads((tmp_path / "cmp" / "mae" / "metrics.json").read_text())["n"]["train"]
+    md = table3({"ACDC": tmp_path / "cmp"}, tmp_path / "table3.md").read_text()
+    assert "| method | ACDC 100 % | ACDC 50 % |" in md and "| best fixed mask |" in md and "| mae |" in md
+    assert "sax_segmentation.png" in md and (tmp_path / "cmp" / "mae" / "figures" / "sax_segmentation.png").is_file()
+
+
 def test_the_20_percent_subset_is_seeded_nested_and_stable_when_cases_are_added():
     """The reduced-data regime (`data.train_fraction`): a function of the set of cases (not their order), nested
     (20 % inside 50 %), and adding cases displaces at most as many of the old subset as were added."""

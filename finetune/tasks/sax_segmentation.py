@@ -8,6 +8,8 @@ stack per case and phase)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from core.vocab import LABELS, SAX_STRUCTURES
@@ -60,6 +62,10 @@ class SaxSegmentation(Task):
 
     def collect(self, acc, res, batch, offset, stats):
         valid = batch["slice_valid"].cpu().numpy()
+        mid = valid.sum(axis=1) // 2  # each case's middle slice, for the report's figure
+        image = batch["image"].float().cpu().numpy()
+        acc.setdefault("mid_image", []).append(np.stack([image[i, :, z] for i, z in enumerate(mid)]).astype(np.float16))
+        acc.setdefault("mid_z", []).append(mid)
         pred = res["seg"].argmax(3).byte().cpu().numpy()
         pred[~np.broadcast_to(valid[:, None, :], pred.shape[:3])] = 0
         acc.setdefault("pred", []).append(pred)
@@ -78,20 +84,46 @@ class SaxSegmentation(Task):
         rows.update({f"{FIXED_MASK} {p}": test["fixed_mask_case_dice"][p] for p in PHASES})
         return [("Test case-level 3D Dice (per case over the short-axis stack, at ED and ES; mean over cases)",
                  report.volume_dice_table(rows) + f"\n\nMean over structures and phases: "
-                 f"{test['case_dice_mean']:.3f}.\n\n`{FIXED_MASK}`: {FIXED_MASK_NOTE}")], []
+                 f"{test['case_dice_mean']:.3f}.\n\n`{FIXED_MASK}`: {FIXED_MASK_NOTE}")], self.figures(pred, fig_dir)
+
+    @staticmethod
+    def figures(pred, fig_dir) -> list:
+        """Representative test slices: the mid-ventricular slice at ED and ES of the best, the median and the worst
+        case by mean case Dice (image, truth, prediction)."""
+        if "mid_image" not in pred or not len(pred["pred"]):
+            return []
+        from finetune import figures
+
+        means = [np.nanmean([case_dice(pred["pred"][i, j], pred["true"][i, j], c) for j in range(2)
+                             for c in STRUCTURES]) for i in range(len(pred["pred"]))]
+        order = np.argsort(means, kind="stable")
+        picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
+        rows = [(i, j, f"{name}: {pred['key'][i]} {PHASES[j]} ({means[i]:.2f})") for name, i in picks.items()
+                for j in range(2)]
+        z = pred["mid_z"]
+        return [figures.segmentation_overlay(np.stack([pred["mid_image"][i, j] for i, j, _ in rows]),
+                                             np.stack([pred["true"][i, j, z[i]] for i, j, _ in rows]),
+                                             np.stack([pred["pred"][i, j, z[i]] for i, j, _ in rows]),
+                                             [t for _, _, t in rows], Path(fig_dir) / "sax_segmentation.png")]
 
     def csv_row(self, cfg, out_dir, ds, pred, i, thresholds):
         """The case's 3D Dice per structure and phase."""
         row = {}
         for j, ph in enumerate(PHASES):
             for c, name in STRUCTURES.items():
-                p, t = pred["pred"][i, j] == c, pred["true"][i, j] == c
-                den = int(p.sum()) + int(t.sum())
-                row[f"{name}_{ph}_dice"] = round(2 * int((p & t).sum()) / den, 4) if den else ""
+                d = case_dice(pred["pred"][i, j], pred["true"][i, j], c)
+                row[f"{name}_{ph}_dice"] = "" if np.isnan(d) else round(d, 4)
         return row
 
     def comparison_table(self, cfg, results):
         return report.volume_dice_table({f"{m} {p}": r["case_dice"][p] for m, r in results.items() for p in PHASES})
+
+
+def case_dice(pred: np.ndarray, true: np.ndarray, label: int) -> float:
+    """3D Dice of one structure over one case's stack (NaN when it is in neither)."""
+    p, t = pred == label, true == label
+    den = int(p.sum()) + int(t.sum())
+    return 2 * int((p & t).sum()) / den if den else float("nan")
 
 
 def case_dice_scores(pred: np.ndarray, true: np.ndarray) -> dict:
