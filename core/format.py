@@ -78,6 +78,14 @@ def encode_array(a: np.ndarray, clevel: int = 3) -> bytes:
     return _MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
 
 
+def encoded_shape(data: bytes) -> tuple[int, ...]:
+    """The shape of an `encode_array` payload, from its header alone (nothing decompressed)."""
+    if data[:4] != _MAGIC:
+        raise ValueError("not a cmrfm array (bad magic)")
+    (n,) = struct.unpack("<I", data[4:8])
+    return tuple(json.loads(data[8:8 + n])["shape"])
+
+
 def decode_array(data: bytes) -> np.ndarray:
     from numcodecs import Blosc
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.format import KSpaceSample, decode_array, frame_of, normalise_tabular, read_frames, stored_frames
+from core.format import (KSpaceSample, decode_array, encoded_shape, frame_of, normalise_tabular, read_frames,
+                         stored_frames)
 from core.vocab import LA_VIEWS, plane_names
 from pretrain.config import DataConfig, KSpaceSampling
 
@@ -185,7 +186,7 @@ class SampleTransform:
 
     def __call__(self, raw: dict, epoch: int) -> dict:
         key = raw["__key__"]
-        T = stored_frames(raw) or int(decode_array(raw["image.arr"]).shape[1])
+        T = stored_frames(raw) or encoded_shape(raw["image.arr"])[1]  # schema 1: one member with every frame
         idx = self._frames(key, epoch, T)
         image = read_frames(raw, "image", idx)
         P = image.shape[0]

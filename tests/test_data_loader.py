@@ -244,10 +244,20 @@ def test_augmentation_is_a_function_of_seed_key_and_epoch(dataset):
         assert x.min() >= 0.0 and x.max() <= 1.0
 
 
+def _schema1(raw: dict) -> dict:
+    """A raw schema-2 sample as schema 1 wrote it: one image / seg member holding every frame."""
+    from core.format import encode_array, read_frames
+
+    out = {k: v for k, v in raw.items() if not k.startswith(("image.t", "seg.t", "__members__"))}
+    out.update({f"{n}.arr": encode_array(read_frames(raw, n)) for n in ("image", "seg")})
+    return out
+
+
 def test_the_reader_reads_only_the_frames_the_transform_keeps(dataset):
     """Cine is stored frame by frame: the shard reader hands over the selected frames' members (and no
     segmentation unless asked for), every other member is seeked over; the transform's output is the same as
-    from the whole sample, for a random temporal offset too (the selection is a function of key and epoch)."""
+    from the whole sample and from a schema-1 sample, for a random temporal offset too (the selection is a
+    function of key and epoch)."""
     shard = D.list_shards(dataset[0], "train")[0]
     for cfg in (DataConfig(), DataConfig(temporal_offset=True, seg=True)):
         tf = TF.SampleTransform(cfg, 3, STATS)
@@ -262,6 +272,10 @@ def test_the_reader_reads_only_the_frames_the_transform_keeps(dataset):
                 assert "seg_valid.arr" not in b or cfg.seg
                 assert len(b["__members__"]) == len([k for k in a if not k.startswith("__")]) == 2 * T + 5
                 x, y = tf(a, epoch), tf(b, epoch)
+                z = tf(_schema1(a), epoch)  # a shard written before cine was stored frame by frame
+                for k in x:
+                    if isinstance(x[k], torch.Tensor):
+                        torch.testing.assert_close(x[k], z[k], rtol=0, atol=0, equal_nan=True)
                 for k in x:
                     if isinstance(x[k], torch.Tensor):
                         torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True)

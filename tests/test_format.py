@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.format import (KSpaceSample, UKBSample, decode_array, encode_array, frame_members, read_frames,
-                         stored_frames)
+from core.format import (KSpaceSample, UKBSample, decode_array, encode_array, encoded_shape, frame_members,
+                         read_frames, stored_frames)
 from core.vocab import DISEASES, PHENOTYPES, SPLITS, plane_names
 from data_prep.splits import split_of, stratified_group_splits
 
@@ -64,6 +64,7 @@ def test_cine_frames_read_alone_and_schema_1_still_reads():
                                                                                "tabular", "diseases", "phenotypes")},
            "meta.json": d["meta.json"]}
     assert np.array_equal(read_frames(old, "image", [0, 12, 49]), s.image[:, [0, 12, 49]])
+    assert encoded_shape(old["image.arr"]) == s.image.shape
     t = UKBSample.from_wds(old)
     assert np.array_equal(t.image, s.image) and np.array_equal(t.seg, s.seg)
     # one frame of 9 planes compresses on its own about as well as inside the whole array
