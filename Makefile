@@ -133,6 +133,9 @@ SAX_DIR ?= runs/sax
 SAX_IMAGENET ?=
 SAX_ARGS ?=
 SAX_CASES ?= --acdc 24 --mnms 24
+# the pretrained initialisations compared (empty both for the fresh ResNet-50 and ViT alone)
+SAX_METHODS ?= --method mae=$(D)/stage1 --method metaclip=$(D)/metaclip
+SAX_ENCODERS ?= $(D)/stage1/encoder.safetensors $(D)/metaclip/encoder.safetensors
 .PHONY: sax
 sax: install $(SAX_DIR)/table3.md
 	@echo "Table 3: $(SAX_DIR)/table3.md"
@@ -145,12 +148,10 @@ $(SAX_DIR)/data/%/manifest.json: $(SAX_DIR)/cohort/synth_config.yaml
 	$(BIN)/python -m data_prep sax --src $(SAX_DIR)/cohort/$* --out $(SAX_DIR)/data/$* layout=$* crop=48 \
 		spacing_mm=3.0 job.block_size=6
 
-$(SAX_DIR)/%/comparison.json: $(SAX_DIR)/data/%/manifest.json $(D)/stage1/encoder.safetensors \
-		$(D)/metaclip/encoder.safetensors
+$(SAX_DIR)/%/comparison.json: $(SAX_DIR)/data/%/manifest.json $(SAX_ENCODERS)
 	$(PY1) -m finetune compare --config configs/finetune/sax_demo.yaml data.dataset=$(SAX_DIR)/data/$* \
-		out=$(SAX_DIR)/$* $(SAX_ARGS) --baselines resnet50,vit_scratch --method mae=$(D)/stage1 \
-		--method metaclip=$(D)/metaclip $(if $(SAX_IMAGENET),--method imagenet=imagenet:$(SAX_IMAGENET)) \
-		--train-fractions 0.2
+		out=$(SAX_DIR)/$* $(SAX_ARGS) --baselines resnet50,vit_scratch $(SAX_METHODS) \
+		$(if $(SAX_IMAGENET),--method imagenet=imagenet:$(SAX_IMAGENET)) --train-fractions 0.2
 
 $(SAX_DIR)/table3.md: $(SAX_DIR)/acdc/comparison.json $(SAX_DIR)/mnms/comparison.json
 	$(BIN)/python -m finetune table3 --run ACDC=$(SAX_DIR)/acdc --run "M&Ms=$(SAX_DIR)/mnms" --out $@
