@@ -146,12 +146,15 @@ $(SAX_DIR)/cohort/synth_config.yaml: | $(STAMP)
 
 $(SAX_DIR)/data/%/manifest.json: $(SAX_DIR)/cohort/synth_config.yaml
 	$(BIN)/python -m data_prep sax --src $(SAX_DIR)/cohort/$* --out $(SAX_DIR)/data/$* layout=$* crop=48 \
-		spacing_mm=3.0 job.block_size=6
+		spacing_mm=3.0 job.block_size=6 job.val_fraction=0.2
 
 $(SAX_DIR)/%/comparison.json: $(SAX_DIR)/data/%/manifest.json $(SAX_ENCODERS)
 	$(PY1) -m finetune compare --config configs/finetune/sax_demo.yaml data.dataset=$(SAX_DIR)/data/$* \
 		out=$(SAX_DIR)/$* $(SAX_ARGS) --baselines resnet50,vit_scratch $(SAX_METHODS) \
 		$(if $(SAX_IMAGENET),--method imagenet=imagenet:$(SAX_IMAGENET)) --train-fractions 0.2
+
+# pattern-rule outputs are kept (make would otherwise delete them as intermediate files)
+.PRECIOUS: $(SAX_DIR)/data/%/manifest.json $(SAX_DIR)/%/comparison.json
 
 $(SAX_DIR)/table3.md: $(SAX_DIR)/acdc/comparison.json $(SAX_DIR)/mnms/comparison.json
 	$(BIN)/python -m finetune table3 --run ACDC=$(SAX_DIR)/acdc --run "M&Ms=$(SAX_DIR)/mnms" --out $@
