@@ -3,7 +3,7 @@ and the bytes each rank communicates per optimizer step, for the paper-size ViTa
 vita_stage1.yaml) and Stage II (vita_stage2.yaml); checked against the trainer's real DeepSpeed engine on CPU ranks.
 
     python bench/scaleout.py [--nproc 2 4] [--steps 2] [--no-paper-check] [--gbps 200]
-        [--out bench/results/scaleout_cpu.json] [--section bench/results/scaleout_section.md]
+        [--out bench/results/scaleout_cpu.json]   (writes its section of BENCHMARKS.md)
     python bench/scaleout.py --from-json      (only the markdown, from the saved JSON: seconds)
 
 Analytic model (importable: `model_sizes`, `state_bytes`, `comm_bytes`, `ring_bytes`, `recommend`). Ψ = parameter
@@ -83,7 +83,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from common import ROOT
+from common import ROOT, update_benchmarks
 
 SECTION = "## Scale-out: ZeRO stage, memory and communication per GPU count (python bench/scaleout.py)"
 CONFIGS = {"vita_stage1": "Stage I", "vita_stage2": "Stage II"}
@@ -769,7 +769,6 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--from-json", action="store_true", help="only rewrite the markdown from --out's JSON")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scaleout_cpu.json"))
-    ap.add_argument("--section", default=str(ROOT / "bench/results/scaleout_section.md"))
     if sys.argv[1:2] == ["_worker"]:
         wp = argparse.ArgumentParser()
         wp.add_argument("_worker")
@@ -804,8 +803,8 @@ def main() -> None:
     res["recommendation"] = [recommend(c, n, res["gbps"]) for c in CONFIGS for n in (1, 8, 16, 64)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    Path(args.section).write_text(markdown(res))
-    print(f"wrote {out} and {args.section}")
+    print(f"wrote {out}")
+    update_benchmarks(markdown(res), SECTION)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,30 @@ def pooled_features(encoder: nn.Module, images: Tensor) -> Tensor:
     return encoder.forward_features(images).mean(dim=1)
 
 
+def unetr_skip_blocks(depth: int, levels: int) -> list[int]:
+    """The encoder blocks whose outputs feed UNETR's skips at H/2^1 .. H/2^(levels-1): evenly spaced (the last
+    block is the bottleneck)."""
+    return [round(depth * lv / levels) - 1 for lv in range(1, levels)]
+
+
+def unetr_blocks(in_channels: int, dim: int, width: int, levels: int):
+    """UNETR's 2D blocks (MONAI) from tokens at H/2^levels back to H: the full-resolution block on the input
+    (`in_channels`), a deconvolution path per skip, the up blocks. Channels: `width` at the deepest level, halved
+    per level up (at least 8). Returns (enc0, skips, ups, channels at full resolution)."""
+    from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+    ch = [max(8, width >> (levels - 1 - lv)) for lv in range(levels)]  # full res ... H/2^(L-1); width deepest
+    kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
+    enc0 = UnetrBasicBlock(in_channels=in_channels, out_channels=ch[0], stride=1, **kw)
+    skips = nn.ModuleList(
+        UnetrPrUpBlock(in_channels=dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
+                       upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
+    ups = nn.ModuleList(
+        UnetrUpBlock(in_channels=dim if lv == levels - 1 else ch[lv + 1], out_channels=ch[lv],
+                     upsample_kernel_size=2, **kw) for lv in range(levels - 1, -1, -1))
+    return enc0, skips, ups, ch[0]
+
+
 class UNETRDecoder(nn.Module):
     """UNETR (Hatamizadeh et al.) on each plane of the ViT: tokens at H/p -> H, with skips from intermediate
     blocks (deconvolved to H/2^l) and from the input frames (with the plane's identity) at full resolution. One
@@ -60,7 +84,7 @@ class UNETRDecoder(nn.Module):
 
     def __init__(self, vit: ViTConfig, num_classes: int, width: int):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.blocks import UnetOutBlock
 
         gt, gh, gw = token_grid(vit)
         p = vit.patch[1]
@@ -69,21 +93,12 @@ class UNETRDecoder(nn.Module):
                              f"patch {vit.patch} over {vit.frames} frames")
         levels = int(math.log2(p))
         self.vit, self.classes, self.levels = vit, num_classes, levels
-        ch = [max(8, width >> (levels - 1 - lv)) for lv in range(levels)]  # full res ... H/2^(L-1); width deepest
-        # blocks whose outputs feed the skips at H/2^1 .. H/2^(L-1): evenly spaced, the last block is the bottleneck
-        self.skip_blocks = [round(vit.depth * lv / levels) - 1 for lv in range(1, levels)]
-        kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
+        self.skip_blocks = unetr_skip_blocks(vit.depth, levels)
         # the full-resolution skip sees the frames and which plane they are (one constant channel per plane): a
         # blood pool looks alike in every view, and its label (LV, LA, RA) depends on the plane
         self.planes = vit.sa_planes + vit.la_planes
-        self.enc0 = UnetrBasicBlock(in_channels=vit.frames + self.planes, out_channels=ch[0], stride=1, **kw)
-        self.skips = nn.ModuleList(
-            UnetrPrUpBlock(in_channels=vit.dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
-                           upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
-        self.ups = nn.ModuleList(
-            UnetrUpBlock(in_channels=vit.dim if lv == levels - 1 else ch[lv + 1], out_channels=ch[lv],
-                         upsample_kernel_size=2, **kw) for lv in range(levels - 1, -1, -1))
-        self.out = UnetOutBlock(spatial_dims=2, in_channels=ch[0], out_channels=vit.frames * num_classes)
+        self.enc0, self.skips, self.ups, top = unetr_blocks(vit.frames + self.planes, vit.dim, width, levels)
+        self.out = UnetOutBlock(spatial_dims=2, in_channels=top, out_channels=vit.frames * num_classes)
 
     def forward(self, images: Tensor, hidden: list[Tensor]) -> Tensor:
         """images (B, P, T, H, W); hidden: outputs of `skip_blocks` then the final (normed) tokens."""
@@ -158,24 +173,16 @@ class ViTUNETR2D(nn.Module):
 
     def __init__(self, vit: ViTConfig, num_classes: int, width: int):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.blocks import UnetOutBlock
 
         p = vit.patch[1]
         if vit.patch[1] != vit.patch[2] or p & (p - 1):
             raise ValueError(f"the 2D UNETR decoder needs a square power-of-two patch, got {vit.patch}")
         levels = int(math.log2(p))
         self.patch = p
-        ch = [max(8, width >> (levels - 1 - lv)) for lv in range(levels)]  # full res ... H/2^(L-1); width deepest
-        self.blocks = [round(vit.depth * lv / levels) - 1 for lv in range(1, levels)] + [-1]  # skips, then the last
-        kw = dict(spatial_dims=2, kernel_size=3, norm_name="instance", res_block=True)
-        self.enc0 = UnetrBasicBlock(in_channels=1, out_channels=ch[0], stride=1, **kw)
-        self.skips = nn.ModuleList(
-            UnetrPrUpBlock(in_channels=vit.dim, out_channels=ch[lv], num_layer=levels - lv - 1, stride=1,
-                           upsample_kernel_size=2, conv_block=True, **kw) for lv in range(1, levels))
-        self.ups = nn.ModuleList(
-            UnetrUpBlock(in_channels=vit.dim if lv == levels - 1 else ch[lv + 1], out_channels=ch[lv],
-                         upsample_kernel_size=2, **kw) for lv in range(levels - 1, -1, -1))
-        self.out = UnetOutBlock(spatial_dims=2, in_channels=ch[0], out_channels=num_classes)
+        self.blocks = unetr_skip_blocks(vit.depth, levels) + [-1]  # the skips' blocks, then the last
+        self.enc0, self.skips, self.ups, top = unetr_blocks(1, vit.dim, width, levels)
+        self.out = UnetOutBlock(spatial_dims=2, in_channels=top, out_channels=num_classes)
 
     def forward(self, encoder: ViTEncoder, x: Tensor) -> Tensor:
         """x (N, 1, H, W) -> logits (N, classes, H, W)."""
