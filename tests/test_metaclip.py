@@ -261,6 +261,27 @@ def test_metaclip_in_bf16_with_the_pretrained_text_encoder_and_resnet50(kspace24
     assert all(0 < r["loss"] < 10 for r in train.values())  # a soft-label CLIP loss over a batch, not a blow-up
     # the validation pass ran in bf16 over every sentence: its counts, not a learning claim (6 steps)
     assert val[6]["n"] > 0 and val[6]["sentences"] > 1 and np.isfinite(val[6]["image_to_text_top1"])
+    # the export that initialises the short-axis segmenter (Table 3's MetaCLIP-CMR row): MONAI's ResNet-50, the
+    # same weights as the run's last checkpoint consolidated in memory, in fp32
+    res = subprocess.run([sys.executable, "-m", "pretrain", "export", "--run", str(run)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from pretrain.export import load_encoder
+
+    exported, _, meta = load_encoder(run / "encoder.safetensors")
+    in_memory, _, meta_run = load_encoder(_copy_without_export(run, tmp_path / "run_only"))
+    assert meta["architecture"] == meta_run["architecture"] == "resnet50" and meta["stage"] == "metaclip"
+    assert hasattr(exported, "layer4") and exported.fc is None  # no classifier: pooled 2048-d features
+    a, b = exported.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in a.values())
+
+
+def _copy_without_export(run: Path, dst: Path) -> Path:
+    """The run directory as it was before `pretrain export` (its checkpoints and config only)."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("encoder.safetensors", "encoder_config.yaml"),
+                    symlinks=True)
+    return dst
 
 
 def test_batchnorm_runs_in_fp32_next_to_bf16_weights():
