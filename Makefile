@@ -13,7 +13,7 @@ help:
 	@echo "make demo   - run the main job on the bundled synthetic cohort ($(DEMO_DIR))"
 	@echo "make test   - run the test suite"
 	@echo "make test-fast - the unit tests and one tiny distributed run (a few minutes)"
-	@echo "make sax    - MetaCLIP-CMR's Table 3 on synthetic ACDC / M&Ms (about 45 min)"
+	@echo "make sax    - MetaCLIP-CMR's Table 3 on synthetic ACDC / M&Ms (about 50 min)"
 	@echo "make clean  - remove .venv and runs/"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -125,7 +125,7 @@ $(SCALING_DIR)/data/ukb/manifest.json: $(SCALING_DIR)/cohort/synth_config.yaml
 	$(BIN)/python -m data_prep ukb --config configs/data_prep/ukb_scaling.yaml --src $(SCALING_DIR)/cohort/ukb \
 		--tabular $(SCALING_DIR)/cohort/ukb_tabular.csv --out $(SCALING_DIR)/data/ukb
 
-# make sax (not part of make demo; about 45 min on 2 cores): MetaCLIP-CMR's Table 3 on synthetic ACDC and M&Ms cases in
+# make sax (not part of make demo; about 50 min on 2 cores): MetaCLIP-CMR's Table 3 on synthetic ACDC and M&Ms cases in
 # their published layouts. Initialisations, each at 100 % and 20 % of the training cases with the same budget: a
 # fresh ResNet-50 and a fresh ViT; MetaCLIP-CMR with the paper's ResNet-50 (pretrained here on the demo's k-space,
 # configs/pretrain/metaclip_cmr_resnet50_demo.yaml) and its ViT variant (the demo's export); the demo's Stage I
