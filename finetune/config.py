@@ -29,6 +29,11 @@ class TaskConfig:
     # or "batchnorm" (BatchNorm1d): a pretrained encoder's mean-pooled LayerNormed tokens can differ by 1-2 %
     # between subjects, a scale at which a plain head stays at the mean
     feature_norm: Literal["none", "batchnorm"] = "none"
+    # recompute every BatchNorm's statistics over the training split before each evaluation (`models.
+    # precise_batchnorm`); None: the task's default (on for sax_segmentation's ResNet-50, off elsewhere). With
+    # feature_norm batchnorm, few steps an epoch and a fast-moving encoder, the running averages lag the features
+    # and the validation metric swings from epoch to epoch
+    precise_bn: Optional[bool] = None
     # segmentation: the loss weighted per class by sqrt(median class frequency / class frequency) over the
     # training split's labelled planes, so that small structures (atria, myocardium) are not drowned by background
     seg_class_weighting: bool = False

@@ -181,10 +181,12 @@ def fit(cfg: FinetuneConfig, progress: bool = True) -> dict:
                 sched.step()
                 losses.append(loss.item())
                 step += 1
-            if task.precise_bn:
+            if task.precise_bn if cfg.task.precise_bn is None else cfg.task.precise_bn:
+                # a pooled head's BatchNorm sees one row per subject: a last batch of one subject has no variance
                 with autocast():
                     precise_batchnorm(model, (to_device(b, device) for b in loader(
-                        data["train"], cfg.data.batch_size, cfg.data.workers, False, cfg.seed, epoch)))
+                        data["train"], cfg.data.batch_size, cfg.data.workers, False, cfg.seed, epoch)
+                        if task.dense or len(b["image"]) > 1))
             val = task.score(cfg, predict(cfg, model, data["val"], stats, device, autocast), stats=stats)
             row = {"epoch": epoch, "step": step, "phase": phase, "train_loss": float(np.mean(losses)),
                    "val_primary": val["primary"], "seconds": time.perf_counter() - t0}

@@ -35,8 +35,12 @@ def test_phenotypes_beat_mean_guess_and_write_the_report(cohort60, tmp_path):
     from finetune.train import fit
 
     guess = fit(_cfg(cohort60, tmp_path / "guess", SIZE_TARGETS, "baseline=mean_guess"))
-    # 60 epochs; a BatchNorm before the head (a plain MLP head on LayerNormed mean-pooled tokens stays at the mean)
-    run = fit(_cfg(cohort60, tmp_path / "vit", SIZE_TARGETS, "task.feature_norm=batchnorm"), progress=False)
+    # 60 epochs; a BatchNorm before the head (a plain MLP head on LayerNormed mean-pooled tokens stays at the mean),
+    # its statistics recomputed over the training split before each evaluation: with its running averages the
+    # validation metric swung between 0.5 and 1.9 training SDs from epoch to epoch, and on an AVX-512 CPU the
+    # best-validation epoch scored above mean-guess on the test split (15.6 against 14.8)
+    run = fit(_cfg(cohort60, tmp_path / "vit", SIZE_TARGETS, "task.feature_norm=batchnorm", "task.precise_bn=true"),
+              progress=False)
     assert run["n"] == {"train": 37, "val": 12, "test": 11}
     ours, base = _mean_mae(run["test"]["per_target"]), _mean_mae(guess["test"]["per_target"])
     assert ours < 0.9 * base, (ours, base)
